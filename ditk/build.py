@@ -1,0 +1,50 @@
+"""Config sections -> objects, through the registries. Shared by training and sampling, so both build
+exactly the same model, objective, autoencoder and conditioner from a config."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from .config import section_obj
+from .errors import ConfigError
+from .registry import AUTOENCODERS, CONDITIONERS, DATASETS, MODELS, OBJECTIVES
+
+
+def build_model(cfg: DictConfig):
+    return MODELS.build(cfg.model.name, section_obj(cfg.model))
+
+
+def build_objective(cfg: DictConfig):
+    return OBJECTIVES.build(cfg.objective.name, section_obj(cfg.objective))
+
+
+def build_autoencoder(cfg: DictConfig):
+    return AUTOENCODERS.build(cfg.autoencoder.name, section_obj(cfg.autoencoder))
+
+
+def build_conditioner(cfg: DictConfig, num_classes: int):
+    return CONDITIONERS.build(cfg.conditioner.name, section_obj(cfg.conditioner), num_classes)
+
+
+def build_dataset(cfg: DictConfig):
+    return DATASETS.build(cfg.data.name, section_obj(cfg.data))
+
+
+def check_model_objective(model, objective, cfg: DictConfig) -> None:
+    if bool(model.learn_sigma) != bool(objective.learn_sigma):
+        want = "true" if objective.learn_sigma else "false"
+        raise ConfigError(
+            f"objective '{cfg.objective.name}' needs a model with learn_sigma={want}: set model.learn_sigma={want}"
+        )
+
+
+def check_model_data(model, data_shape: tuple, latent_channels: int, downsample: int, num_classes: int) -> None:
+    """The model must accept what the dataset + autoencoder produce; say which key to change if not."""
+    c, h, w = data_shape
+    want_c, want_size = latent_channels, h // downsample
+    if model.in_channels != want_c:
+        raise ConfigError(f"the data gives {want_c}-channel inputs but model.in_channels={model.in_channels}: set model.in_channels={want_c}")
+    if model.input_size != want_size:
+        raise ConfigError(f"the data gives {want_size}x{want_size} inputs but model.input_size={model.input_size}: set model.input_size={want_size}")
+    if model.num_classes != num_classes:
+        raise ConfigError(f"the dataset has {num_classes} classes but model.num_classes={model.num_classes}: set model.num_classes={num_classes}")

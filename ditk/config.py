@@ -1,0 +1,182 @@
+"""Presets, `base:` inheritance, dotted overrides and schema validation.
+
+A preset is a YAML file shipped in `presets/` (addressed by its file name without `.yaml`) or any YAML
+path. `base: other-preset` merges the preset over another one (chains allowed). Overrides are OmegaConf
+dotlists (`model.depth=4 optim.lr=2e-4`). The result is validated against typed schemas: an unknown key,
+a wrong type or a missing value is a one-line ConfigError that suggests the closest valid key.
+This module must stay torch-free until validation touches a registry (help and completion use it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+from .schema import DEFAULT_NAMES, FIXED_SECTIONS, REGISTRY_SECTIONS
+
+
+def presets_root() -> Path:
+    return Path(str(importlib.resources.files("ditk.presets")))
+
+
+def _preset_files() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(presets_root().rglob("*.yaml"))}
+
+
+def preset_names(include_hidden: bool = False) -> list[str]:
+    """Shipped presets; names starting with `_` are bases meant to be extended, hidden by default."""
+    return sorted(n for n in _preset_files() if include_hidden or not n.startswith("_"))
+
+
+def merge(base: DictConfig, child: DictConfig) -> DictConfig:
+    """Merge `child` over `base`. A child that switches a registry section to another entry (say
+    `objective.name=rectified-flow` over a DDPM preset) starts that section afresh, since the old
+    entry's keys mean nothing to the new one."""
+    base = base.copy()
+    for section in REGISTRY_SECTIONS:
+        new_name = OmegaConf.select(child, f"{section}.name", default=None)
+        if new_name is not None and new_name != OmegaConf.select(base, f"{section}.name", default=None):
+            if section in base:
+                del base[section]
+    return OmegaConf.merge(base, child)
+
+
+def find_preset(name_or_path: str, relative_to: Optional[Path] = None) -> Path:
+    """A preset name or a YAML path -> the file. Paths are tried first (relative to the including file)."""
+    for candidate in ([relative_to / name_or_path] if relative_to else []) + [Path(name_or_path)]:
+        if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+            return candidate
+    files = _preset_files()
+    if name_or_path in files:
+        return files[name_or_path]
+    if name_or_path.endswith((".yaml", ".yml")):
+        raise ConfigError(f"preset file '{name_or_path}' does not exist: check the path")
+    close = difflib.get_close_matches(name_or_path, list(files), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else "run `ditk presets list` to see the shipped presets"
+    raise ConfigError(f"unknown preset '{name_or_path}': {hint}")
+
+
+def load_preset(name_or_path: str, _seen: tuple = (), _relative_to: Optional[Path] = None) -> DictConfig:
+    """Load a preset and merge its `base:` chain (base first, then the preset over it). Unvalidated."""
+    path = find_preset(name_or_path, _relative_to).resolve()
+    if path in _seen:
+        raise ConfigError(f"preset '{name_or_path}' extends itself through its base chain: remove the cycle")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"preset file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"preset file {path} must hold a mapping of sections (model:, train:, ...)")
+    base = raw.pop("base", None)
+    cfg = OmegaConf.create(raw)
+    if base is not None:
+        cfg = merge(load_preset(str(base), _seen + (path,), path.parent), cfg)
+    return cfg
+
+
+def parse_overrides(overrides: Iterable[str]) -> DictConfig:
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. model.depth=4)")
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {str(e).splitlines()[0]}") from None
+
+
+def _check_keys(section: str, given: dict, schema: type) -> None:
+    fields = [f.name for f in dataclasses.fields(schema)]
+    for key in given:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean '{section}.{close[0]}'?" if close else f"valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown key '{section}.{key}': {hint}")
+
+
+def _typed_section(section: str, given: Any, schema: type, allow_missing: bool = False) -> DictConfig:
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"config section '{section}' must be a mapping, got {given!r}")
+    _check_keys(section, given, schema)
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(schema), given)
+    except OmegaConfBaseException as e:
+        key = f"{section}.{e.full_key}" if getattr(e, "full_key", None) else section
+        raise ConfigError(f"bad value for '{key}': {str(e).splitlines()[0]}") from None
+    # A preset's `???` marks a value the user must give. (Merging `???` over a schema default keeps the
+    # default, so look for it in what was given as well as in the schema.)
+    missing = sorted(set(OmegaConf.missing_keys(typed)) | {k for k, v in given.items() if v == "???"})
+    if missing and not allow_missing:
+        raise ConfigError(f"missing required key '{section}.{missing[0]}': set it in the preset or as {section}.{missing[0]}=...")
+    return typed
+
+
+def validate(cfg: DictConfig, allow_missing: Iterable[str] = ()) -> DictConfig:
+    """Check every section against its schema; fill defaults; return a typed, struct-locked config.
+
+    Required values (`???`) may stay unset only in the sections named in `allow_missing` (sampling needs
+    no dataset path, `presets show` needs nothing).
+    """
+    allow_missing = set(allow_missing)
+    from . import registry
+
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    known = list(FIXED_SECTIONS) + list(REGISTRY_SECTIONS)
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid sections: {', '.join(known)}"
+            raise ConfigError(f"unknown config section '{key}': {hint}")
+    out = {}
+    for section, schema in FIXED_SECTIONS.items():
+        out[section] = _typed_section(section, raw.get(section), schema, section in allow_missing)
+    for section, reg_name in REGISTRY_SECTIONS.items():
+        given = dict(raw.get(section) or {})
+        name = given.pop("name", DEFAULT_NAMES.get(section))
+        if name is None:
+            raise ConfigError(f"missing '{section}.name': set it in the preset or as {section}.name=...")
+        entry = getattr(registry, reg_name).get(str(name))
+        if entry.config:
+            typed = _typed_section(section, given, entry.config, section in allow_missing)
+        else:
+            typed = OmegaConf.create(given)
+        section_cfg = OmegaConf.merge(OmegaConf.create({"name": entry.name}), OmegaConf.to_container(typed))
+        out[section] = section_cfg
+    result = OmegaConf.create(out)
+    OmegaConf.set_struct(result, True)
+    return result
+
+
+def resolve(preset: str, overrides: Iterable[str] = (), allow_missing: Iterable[str] = ()) -> DictConfig:
+    """preset (+ base chain) + overrides -> validated config. `run.name` defaults to the preset's name."""
+    cfg = merge(load_preset(preset), parse_overrides(overrides))
+    if not OmegaConf.select(cfg, "run.name", default=""):
+        OmegaConf.update(cfg, "run.name", Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset, force_add=True)
+    return validate(cfg, allow_missing)
+
+
+def section_obj(section: DictConfig):
+    """A registry-selected section without its `name`, for the entry's builder."""
+    return OmegaConf.masked_copy(section, [k for k in section.keys() if k != "name"])
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def load_run_config(run_dir: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
+    """The resolved config a run was created with (runs/<name>/config.yaml), validated again."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"'{run_dir}' is not a ditk run directory (no config.yaml): pass runs/<name> as written by `ditk train`")
+    return validate(merge(OmegaConf.load(path), parse_overrides(overrides)), allow_missing=("data",))

@@ -1,0 +1,212 @@
+"""Sampling from a trained run or a checkpoint: images, grid, `.npz`, and a JSON report.
+
+Each image i has its own generator seeded by (seed, i) for its initial noise and for every stochastic
+solver step, so image i is the same whatever the batch size, and an interrupted `ditk sample` resumes by
+generating only the indices whose PNG is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from .build import build_autoencoder, build_conditioner, build_model, build_objective, check_model_objective
+from .config import load_run_config, resolve
+from .errors import ConfigError
+from .runs import load_weights, resolve_checkpoint, save_json
+
+
+@dataclass
+class Pipeline:
+    cfg: DictConfig
+    model: torch.nn.Module
+    objective: object
+    autoencoder: object
+    conditioner: object
+    device: torch.device
+    source: str = ""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
+    return torch.device(name)
+
+
+def load_pipeline(source: str, preset: Optional[str] = None, overrides: Sequence[str] = (), weights: str = "ema",
+                  device: str = "auto") -> Pipeline:
+    """A run dir, a checkpoint dir, or foreign weights (official DiT `.pt`, ditk/other `.safetensors`,
+    a diffusers model folder) + the preset that describes their architecture."""
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"'{source}' does not exist: pass a run directory (runs/<name>), a checkpoint or a weights file")
+    if (path / "config.yaml").is_file() or (path / "state.pt").is_file():
+        run_dir, ckpt = resolve_checkpoint(path)
+        cfg = load_run_config(run_dir, overrides)
+        state_dict = load_weights(ckpt, weights)
+        label = f"{run_dir.name}/{ckpt.name}/{weights}"
+    else:
+        if preset is None:
+            raise ConfigError(f"'{source}' is a weights file, not a run: add --preset NAME to say which architecture it holds (e.g. --preset dit-xl-2)")
+        cfg = resolve(preset, overrides, allow_missing=("data",))
+        state_dict = None
+        label = path.name
+    dev = pick_device(device)
+    model = build_model(cfg)
+    objective = build_objective(cfg)
+    check_model_objective(model, objective, cfg)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    else:
+        from .models.convert import load_pretrained
+
+        load_pretrained(model, path)
+    model.to(dev).eval().requires_grad_(False)
+    autoencoder = build_autoencoder(cfg).to(dev)
+    conditioner = build_conditioner(cfg, model.num_classes)
+    return Pipeline(cfg, model, objective, autoencoder, conditioner, dev, label)
+
+
+def class_labels(spec: str, indices: Sequence[int], num_classes: int, seed: int, conditioner) -> torch.Tensor:
+    """uniform: index i gets class i mod K (balanced, as FID protocols want); random: seeded per index;
+    otherwise a list of labels ("1,7,9" or class names) cycled over the indices."""
+    if spec == "uniform":
+        return torch.tensor([i % num_classes for i in indices])
+    if spec == "random":
+        return torch.tensor([int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(seed * 7919 + i)))
+                             for i in indices])
+    chosen = conditioner.parse_labels(spec)
+    return torch.tensor([chosen[i % len(chosen)] for i in indices])
+
+
+def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed((seed * 1_000_003 + i) % (2**63)) for i in indices]
+
+
+@torch.no_grad()
+def sample_images(pipe: Pipeline, indices: Sequence[int], progress: bool = False) -> torch.Tensor:
+    """Images for the given global indices, in [-1, 1], (N, C, H, W) on the CPU."""
+    from .sampling import sample
+
+    sc = pipe.cfg.sample
+    model = pipe.model
+    gens = image_generators(sc.seed, indices)
+    shape = (model.in_channels, model.input_size, model.input_size)
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(pipe.device)
+    labels = class_labels(sc.class_labels, indices, model.num_classes, sc.seed, pipe.conditioner).to(pipe.device)
+    cond = pipe.conditioner.cond(labels)
+    uncond = pipe.conditioner.uncond(len(indices)) if sc.cfg_scale != 1.0 else None
+    latents = sample(model, pipe.objective, noise, cond, uncond, solver=sc.solver, steps=sc.steps,
+                     cfg_scale=sc.cfg_scale, cfg_channels=sc.cfg_channels, generator=gens, progress=progress,
+                     solver_options=dict(sc.solver_options))
+    return pipe.autoencoder.decode(latents).float().clamp(-1, 1).cpu()
+
+
+def write_training_grid(pipe: Pipeline, path: Path) -> None:
+    """The grid `train` writes every `train.sample_every` steps, from the EMA weights."""
+    from .io import save_grid
+
+    was_training = pipe.model.training
+    pipe.model.eval()
+    images = sample_images(pipe, list(range(pipe.cfg.sample.num)))
+    pipe.model.train(was_training)
+    save_grid(images, path, nrow=_grid_cols(len(images)), scale=pipe.cfg.sample.grid_scale)
+
+
+def _grid_cols(n: int) -> int:
+    return max(1, int(np.ceil(np.sqrt(n))))
+
+
+def generate_to_dir(pipe: Pipeline, out_dir: Path, progress: bool = True) -> dict:
+    """Write images/NNNNNN.png for indices 0..num-1 (skipping those present), grid.png, samples.npz and
+    report.json into out_dir. Returns the report."""
+    from tqdm import tqdm
+
+    from .io import save_grid, save_npz, save_pngs
+
+    sc = pipe.cfg.sample
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_settings(out_dir, pipe)
+    todo = [i for i in range(sc.num) if not (images_dir / f"{i:06d}.png").is_file()]
+    if len(todo) < sc.num:
+        print(f"[ditk] resuming: {sc.num - len(todo)} of {sc.num} images already in {images_dir}", file=sys.stderr)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="sample", unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    for b in range(0, len(todo), sc.batch_size):
+        chunk = todo[b:b + sc.batch_size]
+        for i, image in zip(chunk, sample_images(pipe, chunk)):
+            save_pngs(image[None], images_dir, start_index=i)
+        bar.update(len(chunk))
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    from PIL import Image
+
+    arr = np.stack([np.asarray(Image.open(images_dir / f"{i:06d}.png")) for i in range(sc.num)])
+    if arr.ndim == 3:  # grayscale PNGs -> NHWC with one channel
+        arr = arr[..., None]
+    save_npz(arr, out_dir / "samples.npz")
+    grid = torch.from_numpy(arr[: min(sc.num, 100)]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    save_grid(grid, out_dir / "grid.png", nrow=_grid_cols(len(grid)), scale=sc.grid_scale)
+    report = {
+        "source": pipe.source, "num": sc.num, "generated_now": len(todo), "seconds": round(seconds, 3),
+        "images_per_sec": round(len(todo) / seconds, 3) if todo else None,
+        "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "device": str(pipe.device), "settings": json.loads(json.dumps(dict(_plain(sc)))),
+    }
+    save_json(out_dir / "report.json", report)
+    return report
+
+
+def _check_same_settings(out_dir: Path, pipe: Pipeline) -> None:
+    """Images already in out_dir are reused only if they were made with the same source and settings."""
+    settings = {"source": pipe.source, **_plain(pipe.cfg.sample)}
+    for key in ("num", "batch_size", "grid_scale"):  # these do not change image i
+        settings.pop(key)
+    path = out_dir / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != json.loads(json.dumps(settings)):
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise ConfigError(f"{out_dir} holds images made with other settings ({', '.join(changed)} differ): pass another --out")
+    else:
+        save_json(path, settings)
+
+
+def _plain(section) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(section, resolve=True)
+
+
+def default_out_dir(pipe: Pipeline, source: str) -> Path:
+    sc = pipe.cfg.sample
+    tag = f"{sc.solver}{sc.steps}-cfg{sc.cfg_scale:g}-seed{sc.seed}"
+    path = Path(source)
+    if (path / "config.yaml").is_file() or (path / "state.pt").is_file():
+        run_dir, ckpt = resolve_checkpoint(path)
+        return run_dir / "generated" / f"{ckpt.name}-{tag}"
+    return Path("samples") / f"{path.stem}-{tag}"
+
+
+def generate(run_dir: str, num: int, seed: int = 0, batch_size: int = 64, out_dir: Optional[str] = None,
+             overrides: Sequence[str] = (), progress: bool = True) -> Path:
+    """Sample `num` images from a run (the API `evaluate-fid --run` uses). Returns the `.npz` path."""
+    overrides = [*overrides, f"sample.num={num}", f"sample.seed={seed}", f"sample.batch_size={batch_size}"]
+    pipe = load_pipeline(run_dir, overrides=overrides)
+    out = Path(out_dir) if out_dir else default_out_dir(pipe, run_dir)
+    generate_to_dir(pipe, out, progress=progress)
+    return out / "samples.npz"

@@ -1,0 +1,68 @@
+"""Typed schemas of the config sections that every run has (the registry-selected sections, such as
+`model` or `objective`, are typed by the dataclass their registry entry declares)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # defaults to the preset's name
+    dir: str = "runs"  # the run directory is <dir>/<name>
+    seed: int = 0  # model init, data order, noise and timesteps all derive from it
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    schedule: str = "constant"  # any diffusers.optimization schedule: constant, cosine, linear, ...
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 400_000
+    global_batch_size: int = 256  # summed over processes and accumulation steps
+    grad_accum_steps: int = 1
+    grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (DiT clips nothing)
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay min(ema_decay, (1+step)/(10+step)): useful for short runs
+    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU)
+    log_every: int = 100
+    ckpt_every: int = 50_000
+    sample_every: int = 0  # write a sample grid every N steps (0: only at the end)
+    keep_last: int = 0  # keep the N newest checkpoints (0: keep all)
+    num_workers: int = 4
+    precompute_latents: bool = False  # encode the dataset once with the autoencoder (fast-DiT)
+    allow_tf32: bool = True
+
+
+@dataclass
+class SampleConfig:
+    solver: str = "ddpm"
+    steps: int = 250
+    cfg_scale: float = 1.0
+    cfg_channels: Optional[int] = None  # guide only the first N channels (DiT: 3); None = all
+    num: int = 16
+    batch_size: int = 16
+    seed: int = 0
+    class_labels: str = "uniform"  # uniform (i mod classes) | random | a list such as "1,7,9"
+    grid_scale: int = 1  # nearest-neighbour upscaling of the grid PNG, for tiny images
+    solver_options: Dict[str, Any] = field(default_factory=dict)
+
+
+FIXED_SECTIONS = {"run": RunConfig, "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig}
+# section -> registry attribute name in ditk.registry
+REGISTRY_SECTIONS = {
+    "model": "MODELS",
+    "objective": "OBJECTIVES",
+    "data": "DATASETS",
+    "autoencoder": "AUTOENCODERS",
+    "conditioner": "CONDITIONERS",
+}
+DEFAULT_NAMES = {"autoencoder": "identity", "conditioner": "class"}

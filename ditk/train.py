@@ -1,0 +1,267 @@
+"""The one training loop: any registered model x objective x dataset x autoencoder.
+
+Determinism: every random draw of a step (timesteps, noise, label dropout) comes from a generator seeded
+by (run.seed, step) for the *global* batch, and each process takes its slice, and the data order is a
+pure function of (run.seed, step). So a run resumed from a checkpoint continues exactly as an
+uninterrupted one, and N processes compute the same update as one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from .build import (build_autoencoder, build_conditioner, build_dataset, build_model, build_objective,
+                    check_model_data, check_model_objective)
+from .config import section_obj, to_yaml
+from .errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
+from .runs import RunDir, load_state, load_weights, save_checkpoint
+from .atomic import write_text
+
+
+def log(msg: str) -> None:
+    print(f"[ditk] {msg}", file=sys.stderr, flush=True)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+
+
+def mix_conditions(cond: dict, uncond: dict, drop: torch.Tensor) -> dict:
+    """Per-sample choice between conditional and null conditioning (label dropout for CFG training)."""
+    out = {}
+    for key, value in cond.items():
+        mask = drop.view(-1, *([1] * (value.dim() - 1))).to(value.device)
+        out[key] = torch.where(mask, uncond[key].to(value.device), value)
+    return out
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - decay)
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (Slurm's pre-emption and time-limit signals) ask the loop to checkpoint and stop."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def _build_data(cfg: DictConfig, run: RunDir, autoencoder, device, accelerator):
+    """The dataset the loop reads and the autoencoder it applies on the fly (identity when pre-encoded)."""
+    dataset = build_dataset(cfg)
+    if cfg.train.precompute_latents and cfg.autoencoder.name != "identity":
+        from .data.latents import encode_dataset
+        from .registry import AUTOENCODERS, DATASETS
+
+        path = run.path / "latents.safetensors"
+        if accelerator.is_main_process and not path.is_file():
+            log(f"pre-encoding {len(dataset)} items with {cfg.autoencoder.name} -> {path}")
+            encode_dataset(dataset, autoencoder, path, batch_size=64, device=device)
+        accelerator.wait_for_everyone()
+        latent_cfg = DATASETS.get("latents").config(path=str(path))
+        dataset = DATASETS.build("latents", latent_cfg)
+        autoencoder = AUTOENCODERS.build("identity", AUTOENCODERS.get("identity").config())
+    return dataset, autoencoder
+
+
+def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
+    """Train (or resume) the run at `run_path`. Returns an exit code (0, or EXIT_PREEMPTED)."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from tqdm import tqdm
+
+    from .data.sampler import ResumableBatchSampler
+
+    tc = cfg.train
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if tc.global_batch_size % (world * tc.grad_accum_steps):
+        raise ConfigError(
+            f"train.global_batch_size={tc.global_batch_size} is not divisible by processes x grad_accum_steps = "
+            f"{world} x {tc.grad_accum_steps}: change one of them"
+        )
+    micro = tc.global_batch_size // (world * tc.grad_accum_steps)
+    if tc.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    run = RunDir(run_path)
+    preempt = Preemption()
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
+    model = build_model(cfg)
+    objective = build_objective(cfg)
+    check_model_objective(model, objective, cfg)
+    autoencoder = build_autoencoder(cfg).to(device)
+    dataset, autoencoder = _build_data(cfg, run, autoencoder, device, accelerator)
+    check_model_data(model, tuple(dataset.shape), autoencoder.latent_channels(dataset.shape[0]),
+                     autoencoder.downsample, dataset.num_classes)
+    conditioner = build_conditioner(cfg, dataset.num_classes)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
+    )
+    lr_scheduler = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                                 num_training_steps=tc.max_steps)
+
+    start_step = 0
+    ckpt = run.latest_checkpoint()
+    if ckpt is not None:
+        state = load_state(ckpt)
+        model.load_state_dict(load_weights(ckpt, "model"))
+        ema.load_state_dict(load_weights(ckpt, "ema"))
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_step = int(state["step"])
+        log(f"resuming {run.path} from {ckpt.name}")
+        if accelerator.is_main_process:
+            run.truncate_metrics(start_step)
+    ema.to(device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    sampler = ResumableBatchSampler(len(dataset), tc.global_batch_size, cfg.run.seed, start_step=start_step,
+                                    rank=rank, world_size=world, with_epoch=hasattr(dataset, "set_epoch"))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=tc.num_workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=tc.num_workers > 0)
+    batches = iter(loader)
+    latent_shape = (raw_model.in_channels, raw_model.input_size, raw_model.input_size)
+    drop_p = float(getattr(cfg.model, "class_dropout_prob", 0.0))
+
+    def save(step: int) -> None:
+        if accelerator.is_main_process:
+            state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                     "rng": _rng_state(), "data": {"seed": cfg.run.seed, "global_batch_size": tc.global_batch_size}}
+            path = save_checkpoint(run, step, raw_model.state_dict(), ema.state_dict(), state, tc.keep_last)
+            log(f"saved {path}")
+        accelerator.wait_for_everyone()
+
+    def sample_grid(step: int) -> None:
+        if accelerator.is_main_process:
+            from .generate import Pipeline, write_training_grid
+
+            pipe = Pipeline(cfg, ema, objective, autoencoder, conditioner, device)
+            write_training_grid(pipe, run.samples / f"step-{step:06d}.png")
+        accelerator.wait_for_everyone()
+
+    step = start_step
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not (progress and accelerator.is_main_process),
+               desc="train", file=sys.stderr, dynamic_ncols=True)
+    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    model.train()
+    while step < tc.max_steps:
+        images, labels = next(batches)
+        gen = step_generator(cfg.run.seed, step)
+        t_all = objective.sample_time(tc.global_batch_size, gen)
+        noise_all = torch.randn((tc.global_batch_size, *latent_shape), generator=gen)
+        drop_all = torch.rand(tc.global_batch_size, generator=gen) < drop_p
+        mine = slice(rank, None, world)  # the same positions the sampler gave this process
+        t, noise, drop = t_all[mine].to(device), noise_all[mine].to(device), drop_all[mine]
+        with torch.no_grad():
+            x0 = autoencoder.encode(images.to(device), generator=gen)
+        labels = labels.to(device)
+        cond = mix_conditions(conditioner.cond(labels), conditioner.uncond(len(labels)), drop)
+
+        step_loss = 0.0
+        for i in range(tc.grad_accum_steps):
+            part = slice(i * micro, (i + 1) * micro)
+            sync = i == tc.grad_accum_steps - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                losses = objective.training_losses(model, x0[part], t[part], noise[part],
+                                                   {k: v[part] for k, v in cond.items()})
+                loss = losses["loss"].mean()
+                accelerator.backward(loss)
+            step_loss += loss.detach().float() / tc.grad_accum_steps
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
+        update_ema(ema, raw_model, decay)
+        step += 1
+        bar.update(1)
+
+        window_loss += accelerator.reduce(step_loss.to(device), "mean").item()
+        window_steps += 1
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": step, "loss": window_loss / window_steps, "lr": lr_scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm), "images_per_sec": window_steps * tc.global_batch_size / elapsed}
+            if accelerator.is_main_process:
+                run.append_metrics(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+
+        stop = torch.tensor(float(preempt.signum is not None), device=device)
+        stop = accelerator.reduce(stop, "sum").item() > 0  # every process stops at the same step
+        if step % tc.ckpt_every == 0 or step == tc.max_steps or stop:
+            save(step)
+        if stop:
+            bar.close()
+            log(f"pre-empted at step {step}: checkpoint saved; rerun the same command to resume (exit {EXIT_PREEMPTED})")
+            return EXIT_PREEMPTED
+        if tc.sample_every and step % tc.sample_every == 0 and step != tc.max_steps:
+            sample_grid(step)
+    bar.close()
+    sample_grid(step)
+    accelerator.end_training()
+    return EXIT_OK
+
+
+# Keys that may change when a run is resumed (they do not change what is computed at a given step).
+RESUMABLE_KEYS = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.sample_every",
+                  "train.keep_last", "train.num_workers", "sample"}
+
+
+def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None) -> DictConfig:
+    """Create the run dir, or check that an existing one may be resumed with this config.
+
+    Returns the config to train with: on resume, the saved config updated with the resumable keys.
+    """
+    from omegaconf import OmegaConf
+
+    run = RunDir(run_path)
+    if run.config.is_file():
+        if resume is False:
+            raise ConfigError(f"run directory {run_path} already exists: resume it (drop --no-resume), or set run.name=<new name>")
+        saved = OmegaConf.to_container(OmegaConf.load(run.config))
+        new = OmegaConf.to_container(cfg)
+        for section in new:
+            for key in set(new[section]) | set(saved.get(section, {})):
+                a, b = saved.get(section, {}).get(key), new[section].get(key)
+                if a != b and f"{section}.{key}" not in RESUMABLE_KEYS and section not in RESUMABLE_KEYS:
+                    raise ConfigError(
+                        f"run {run_path} was created with {section}.{key}={a!r}, not {b!r}: "
+                        f"set run.name=<new name> for a new run, or pass {section}.{key}={a!r} to resume it"
+                    )
+        write_text(run.config, to_yaml(cfg))
+        return cfg
+    if resume is True:
+        raise ConfigError(f"--resume given but {run_path} has no run to resume: drop --resume to start it")
+    run.path.mkdir(parents=True, exist_ok=True)
+    write_text(run.config, to_yaml(cfg))
+    run.write_lineage()
+    return cfg

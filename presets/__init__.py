@@ -1,0 +1,1 @@
+"""Shipped YAML presets (package data): `ditk presets list` shows them."""

@@ -1,0 +1,89 @@
+"""`ditk sample`: outputs, determinism, resumable shards, foreign weights, latent space."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ditk_testing import TINY, run_ditk
+
+
+def _sample(run, out, *args):
+    proc = run_ditk("sample", run, "--out", out, "--no-progress", *args, check=True)
+    assert proc.stdout.strip() == str(out)  # stdout carries the result only
+    return np.load(out / "samples.npz")["arr_0"]
+
+
+def test_sample_writes_pngs_grid_npz_and_report(trained_run, tmp_path):
+    arr = _sample(trained_run, tmp_path / "s", "--num", "5", "--batch-size", "2")
+    assert arr.dtype == np.uint8 and arr.shape == (5, 8, 8, 1)
+    assert sorted(p.name for p in (tmp_path / "s" / "images").iterdir()) == [f"{i:06d}.png" for i in range(5)]
+    assert (tmp_path / "s" / "grid.png").is_file()
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["num"] == 5 and report["settings"]["solver"] == "ddpm"
+
+
+def test_images_do_not_depend_on_batch_size_and_shards_resume(trained_run, tmp_path):
+    a = _sample(trained_run, tmp_path / "a", "--num", "5", "--batch-size", "5")
+    b = _sample(trained_run, tmp_path / "b", "--num", "5", "--batch-size", "2")
+    np.testing.assert_array_equal(a, b)
+    for i in (1, 3):
+        (tmp_path / "b" / "images" / f"{i:06d}.png").unlink()
+    c = _sample(trained_run, tmp_path / "b", "--num", "5", "--batch-size", "2")
+    np.testing.assert_array_equal(a, c)
+
+
+def test_seed_and_labels_change_the_images(trained_run, tmp_path):
+    a = _sample(trained_run, tmp_path / "a", "--num", "2")
+    b = _sample(trained_run, tmp_path / "b", "--num", "2", "--seed", "1")
+    c = _sample(trained_run, tmp_path / "c", "--num", "2", "--class-labels", "7,7", "--cfg-scale", "3")
+    assert not np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_other_settings_into_the_same_folder_are_refused(trained_run, tmp_path):
+    _sample(trained_run, tmp_path / "s", "--num", "2")
+    proc = run_ditk("sample", trained_run, "--out", tmp_path / "s", "--num", "2", "--seed", "9")
+    assert proc.returncode == 2 and "other settings" in proc.stderr
+
+
+def test_every_solver_runs(trained_run, tmp_path):
+    for solver in ("ddim", "dpm-solver++", "unipc"):
+        arr = _sample(trained_run, tmp_path / solver, "--num", "2", "--solver", solver)
+        assert arr.shape == (2, 8, 8, 1)
+    proc = run_ditk("sample", trained_run, "--solver", "euler", "--num", "1", "--out", tmp_path / "e")
+    assert proc.returncode == 2
+
+
+def test_official_format_checkpoint_with_preset(trained_run, tmp_path):
+    """Weights saved the way facebookresearch/DiT saves them load through --preset."""
+    from safetensors.torch import load_file
+
+    ema = load_file(trained_run / "checkpoints" / "step-000006" / "ema.safetensors")
+    torch.save({"model": ema, "ema": ema, "opt": {}, "args": None}, tmp_path / "DiT-tiny.pt")
+    a = _sample(trained_run, tmp_path / "from_run", "--num", "3")
+    b = _sample(tmp_path / "DiT-tiny.pt", tmp_path / "from_pt", "--num", "3",
+                "--preset", trained_run / "config.yaml")
+    np.testing.assert_array_equal(a, b)
+    proc = run_ditk("sample", tmp_path / "DiT-tiny.pt")
+    assert proc.returncode == 2 and "--preset" in proc.stderr
+
+
+def test_latent_space_with_a_local_autoencoder_kl(tmp_path):
+    """Train and sample in the latent space of a (tiny, random) diffusers AutoencoderKL from a local path,
+    with latents pre-encoded once (fast-DiT style)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    args = [*TINY, "train.max_steps=2", "data.image_size=16", "autoencoder.name=autoencoder-kl",
+            f"autoencoder.path={tmp_path / 'vae'}", "model.in_channels=4", "model.input_size=8",
+            "train.precompute_latents=true", f"run.dir={tmp_path}", "run.name=latent", "--no-progress"]
+    run_ditk("train", "digits-dit", *args, check=True)
+    assert (tmp_path / "latent" / "latents.safetensors").is_file()
+    arr = _sample(tmp_path / "latent", tmp_path / "s", "--num", "2")
+    assert arr.shape == (2, 16, 16, 1)
