@@ -50,6 +50,13 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - decay)
 
 
+def auxiliary_loss(model: torch.nn.Module):
+    """Sum of the `aux_loss` tensors that modules set during the last forward (e.g. an MoE balance loss),
+    or None. A module opts in by assigning `self.aux_loss` in its forward; the loop adds it to the loss."""
+    terms = [m.aux_loss for m in model.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
+    return sum(terms) if terms else None
+
+
 class Preemption:
     """SIGTERM / SIGUSR1 (Slurm's pre-emption and time-limit signals) ask the loop to checkpoint and stop."""
 
@@ -193,6 +200,9 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
                 losses = objective.training_losses(model, x0[part], t[part], noise[part],
                                                    {k: v[part] for k, v in cond.items()})
                 loss = losses["loss"].mean()
+                aux = auxiliary_loss(raw_model)
+                if aux is not None:
+                    loss = loss + aux
                 accelerator.backward(loss)
             step_loss += loss.detach().float() / tc.grad_accum_steps
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
