@@ -22,8 +22,8 @@ def build_autoencoder(cfg: DictConfig):
     return AUTOENCODERS.build(cfg.autoencoder.name, section_obj(cfg.autoencoder))
 
 
-def build_conditioner(cfg: DictConfig, num_classes: int):
-    return CONDITIONERS.build(cfg.conditioner.name, section_obj(cfg.conditioner), num_classes)
+def build_conditioner(cfg: DictConfig, num_classes: int, class_names=None):
+    return CONDITIONERS.build(cfg.conditioner.name, section_obj(cfg.conditioner), num_classes, class_names)
 
 
 def build_dataset(cfg: DictConfig):
@@ -31,10 +31,12 @@ def build_dataset(cfg: DictConfig):
 
 
 def check_model_objective(model, objective, cfg: DictConfig) -> None:
-    if bool(model.learn_sigma) != bool(objective.learn_sigma):
-        want = "true" if objective.learn_sigma else "false"
+    # A model with extra variance channels may serve an objective that ignores them (DiT-MoE trains
+    # rectified flow with 2C outputs and uses the first C); the reverse cannot work.
+    if objective.learn_sigma and not model.learn_sigma:
         raise ConfigError(
-            f"objective '{cfg.objective.name}' needs a model with learn_sigma={want}: set model.learn_sigma={want}"
+            f"objective '{cfg.objective.name}' with a learned variance needs model.learn_sigma=true: set it, "
+            "or objective.variance=fixed_small"
         )
 
 

@@ -55,12 +55,15 @@ def load_pipeline(source: str, preset: Optional[str] = None, overrides: Sequence
         cfg = load_run_config(run_dir, overrides)
         state_dict = load_weights(ckpt, weights)
         label = f"{run_dir.name}/{ckpt.name}/{weights}"
+        classes = run_dir / "classes.json"
+        class_names = json.loads(classes.read_text()) if classes.is_file() else None
     else:
         if preset is None:
             raise ConfigError(f"'{source}' is a weights file, not a run: add --preset NAME to say which architecture it holds (e.g. --preset dit-xl-2)")
         cfg = resolve(preset, overrides, allow_missing=("data",))
         state_dict = None
         label = path.name
+        class_names = None
     dev = pick_device(device)
     model = build_model(cfg)
     objective = build_objective(cfg)
@@ -73,7 +76,7 @@ def load_pipeline(source: str, preset: Optional[str] = None, overrides: Sequence
         load_pretrained(model, path)
     model.to(dev).eval().requires_grad_(False)
     autoencoder = build_autoencoder(cfg).to(dev)
-    conditioner = build_conditioner(cfg, model.num_classes)
+    conditioner = build_conditioner(cfg, model.num_classes, class_names)
     return Pipeline(cfg, model, objective, autoencoder, conditioner, dev, label)
 
 

@@ -23,7 +23,7 @@ from .build import (build_autoencoder, build_conditioner, build_dataset, build_m
                     check_model_data, check_model_objective)
 from .config import section_obj, to_yaml
 from .errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
-from .runs import RunDir, load_state, load_weights, save_checkpoint
+from .runs import RunDir, load_state, load_weights, save_checkpoint, save_json
 from .atomic import write_text
 
 
@@ -74,7 +74,7 @@ def _rng_state() -> dict:
 
 
 def _build_data(cfg: DictConfig, run: RunDir, autoencoder, device, accelerator):
-    """The dataset the loop reads and the autoencoder it applies on the fly (identity when pre-encoded)."""
+    """The dataset the loop reads and the encoder it applies on the fly (identity when pre-encoded)."""
     dataset = build_dataset(cfg)
     if cfg.train.precompute_latents and cfg.autoencoder.name != "identity":
         from .data.latents import encode_dataset
@@ -87,7 +87,7 @@ def _build_data(cfg: DictConfig, run: RunDir, autoencoder, device, accelerator):
         accelerator.wait_for_everyone()
         latent_cfg = DATASETS.get("latents").config(path=str(path))
         dataset = DATASETS.build("latents", latent_cfg)
-        autoencoder = AUTOENCODERS.build("identity", AUTOENCODERS.get("identity").config())
+        return dataset, AUTOENCODERS.build("identity", AUTOENCODERS.get("identity").config())
     return dataset, autoencoder
 
 
@@ -114,16 +114,20 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
 
     run = RunDir(run_path)
     preempt = Preemption()
+    log(f"{world} process(es) on {device}, {micro} images per micro-batch, mixed precision: {tc.mixed_precision}")
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
     model = build_model(cfg)
     objective = build_objective(cfg)
     check_model_objective(model, objective, cfg)
     autoencoder = build_autoencoder(cfg).to(device)
-    dataset, autoencoder = _build_data(cfg, run, autoencoder, device, accelerator)
-    check_model_data(model, tuple(dataset.shape), autoencoder.latent_channels(dataset.shape[0]),
-                     autoencoder.downsample, dataset.num_classes)
-    conditioner = build_conditioner(cfg, dataset.num_classes)
+    dataset, encoder = _build_data(cfg, run, autoencoder, device, accelerator)
+    check_model_data(model, tuple(dataset.shape), encoder.latent_channels(dataset.shape[0]),
+                     encoder.downsample, dataset.num_classes)
+    class_names = list(getattr(dataset, "class_names", None) or [])
+    conditioner = build_conditioner(cfg, dataset.num_classes, class_names or None)
+    if accelerator.is_main_process and class_names:
+        save_json(run.path / "classes.json", class_names)  # lets `ditk sample --class-labels seven` work
     ema = copy.deepcopy(model).requires_grad_(False).eval()
 
     optimizer = torch.optim.AdamW(
@@ -188,7 +192,7 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
         mine = slice(rank, None, world)  # the same positions the sampler gave this process
         t, noise, drop = t_all[mine].to(device), noise_all[mine].to(device), drop_all[mine]
         with torch.no_grad():
-            x0 = autoencoder.encode(images.to(device), generator=gen)
+            x0 = encoder.encode(images.to(device), generator=gen)
         labels = labels.to(device)
         cond = mix_conditions(conditioner.cond(labels), conditioner.uncond(len(labels)), drop)
 

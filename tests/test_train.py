@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -122,10 +123,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     common = [*TINY, "train.max_steps=3", "train.sample_every=0", "--no-progress"]
     one = run_ditk("train", "digits-dit", *common, f"run.dir={tmp_path / 'one'}", check=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    with socket.socket() as sock:  # a free port, so parallel test runs do not meet
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "ditk", "train", "digits-dit", *common, f"run.dir={tmp_path / 'two'}"]
     two = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stderr
     a = load_file(tmp_path / "one" / "digits-dit" / "checkpoints" / "step-000003" / "model.safetensors")
     b = load_file(tmp_path / "two" / "digits-dit" / "checkpoints" / "step-000003" / "model.safetensors")
     for k in a:
