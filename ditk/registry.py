@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -44,7 +45,13 @@ class Registry:
         if not self._loaded:
             self._loaded = True
             for module in self._modules:
-                importlib.import_module(module)
+                if module.endswith(".*"):  # every module of a package: dropping a file in registers it
+                    package = importlib.import_module(module[:-2])
+                    for info in pkgutil.iter_modules(package.__path__):
+                        if not info.name.startswith("_"):
+                            importlib.import_module(f"{package.__name__}.{info.name}")
+                else:
+                    importlib.import_module(module)
 
     def names(self) -> list[str]:
         self._load()
@@ -66,10 +73,10 @@ class Registry:
         return name in self._entries
 
 
-MODELS = Registry("model", ["ditk.models.dit"])
-OBJECTIVES = Registry("objective", ["ditk.objectives.ddpm", "ditk.objectives.flow"])
+MODELS = Registry("model", ["ditk.models.*"])
+OBJECTIVES = Registry("objective", ["ditk.objectives.*"])
 SOLVERS = Registry("solver", ["ditk.sampling"])
-DATASETS = Registry("dataset", ["ditk.data.digits", "ditk.data.image_folder", "ditk.data.latents"])
+DATASETS = Registry("dataset", ["ditk.data.*"])
 AUTOENCODERS = Registry("autoencoder", ["ditk.autoencoders"])
 CONDITIONERS = Registry("conditioner", ["ditk.conditioners"])
 FEATURE_EXTRACTORS = Registry("feature extractor", ["ditk.metrics.extractors"])

@@ -52,6 +52,7 @@ class SampleConfig:
     batch_size: int = 16
     seed: int = 0
     class_labels: str = "uniform"  # uniform (i mod classes) | random | a list such as "1,7,9"
+    prompt: str = ""  # text-conditioned models: one prompt for every image (overrides class_labels)
     grid_scale: int = 1  # nearest-neighbour upscaling of the grid PNG, for tiny images
     solver_options: Dict[str, Any] = field(default_factory=dict)
 

@@ -1,0 +1,1 @@
+"""Audio: waveform <-> mel spectrogram, vocoders, synthesised music data."""
