@@ -100,7 +100,9 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
     from .data.sampler import ResumableBatchSampler
 
     tc = cfg.train
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps)
+    # cpu=True without a GPU: accelerate then sets up multi-process CPU training (gloo) under torchrun.
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps,
+                              cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if tc.global_batch_size % (world * tc.grad_accum_steps):
         raise ConfigError(

@@ -57,7 +57,7 @@ def test_user_preset_file_extends_a_shipped_one(tmp_path):
     (tmp_path / "mine.yaml").write_text("base: digits-dit\nmodel:\n  depth: 3\n")
     (tmp_path / "child.yaml").write_text("base: mine.yaml\ntrain:\n  max_steps: 7\n")
     cfg = resolve(str(tmp_path / "child.yaml"))
-    assert cfg.model.depth == 3 and cfg.train.max_steps == 7 and cfg.model.hidden_size == 128
+    assert cfg.model.depth == 3 and cfg.train.max_steps == 7 and cfg.model.hidden_size == 96
     assert cfg.run.name == "child"
 
 

@@ -22,6 +22,9 @@ from ditk.train import prepare_run_dir, train
 
 
 def _train(tmp_path, name, steps, extra=()):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh process would start with none
     cfg = resolve("digits-dit", [*TINY, f"train.max_steps={steps}", f"run.name={name}", *extra])
     path = tmp_path / name
     cfg = prepare_run_dir(cfg, path, None)
@@ -153,3 +156,25 @@ def test_rectified_flow_objective_trains_through_the_same_loop(tmp_path):
     run = _train(tmp_path, "flow", 3, ["objective.name=rectified-flow", "model.learn_sigma=false",
                                        "sample.solver=euler"])
     assert len(_losses(run)) == 3 and all(l == l for l in _losses(run))
+
+
+def test_ema_update_is_the_dit_formula():
+    from ditk.train import update_ema
+
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    update_ema(ema, model, 0.9)
+    for b, p, e in zip(before, model.parameters(), ema.parameters()):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * p.detach())
+
+
+def test_label_dropout_uses_the_null_condition():
+    from ditk.train import mix_conditions
+
+    cond, uncond = {"y": torch.tensor([1, 2, 3])}, {"y": torch.tensor([10, 10, 10])}
+    assert mix_conditions(cond, uncond, torch.tensor([False, True, False]))["y"].tolist() == [1, 10, 3]
+
+
+def test_bf16_mixed_precision_path_runs(tmp_path):
+    run = _train(tmp_path, "bf16", 2, ["train.mixed_precision=bf16"])
+    assert all(l == l and l < 10 for l in _losses(run))
