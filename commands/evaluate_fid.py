@@ -12,8 +12,8 @@ SHORTCUTS = {"solver": "sample.solver", "steps": "sample.steps", "cfg_scale": "s
 @click.command("evaluate-fid")
 @click.argument("inputs", nargs=-1, metavar="[GEN] [REF]", type=click.Path())
 @click.option("--extractor", default="auto", show_default=True,
-              help="Feature extractor: inception (the FID standard) or digits (for 8x8 digits); auto = digits for "
-                   "--run on a digits run, inception otherwise.")
+              help="Feature extractor: inception (the FID standard) or digits (for 8x8 digits); auto = digits with "
+                   "--run on a run trained on digits, inception otherwise.")
 @click.option("--mode", type=click.Choice(MODES), default="clean", show_default=True,
               help="clean-fid protocol (how images reach 299x299).")
 @click.option("--weights-dir", type=click.Path(file_okay=False),
@@ -29,7 +29,8 @@ SHORTCUTS = {"solver": "sample.solver", "steps": "sample.steps", "cfg_scale": "s
 @click.option("--kid-subset-size", type=click.IntRange(2), default=1000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the KID subsets and of --run's samples.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per feature batch.")
-@click.option("--workers", type=click.IntRange(0), help="Resize worker processes (default: 0 below 1000 images, else up to 8).")
+@click.option("--workers", type=click.IntRange(0),
+              help="Resize worker processes (default: 0 below 1000 images, else up to 8).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Sample a trained run (runs/NAME) as GEN.")
 @click.option("--num", type=click.IntRange(2), help="With --run: number of images to sample.")
@@ -85,6 +86,8 @@ def command(inputs, extractor, mode, weights_dir, out, save_stats, cache_dir, no
 
     Exit codes: 0 ok, 2 bad input (one line on stderr), 1 unexpected failure.
     """
+    import time
+
     from ditk.errors import DitkError
 
     inputs = list(inputs)
@@ -113,7 +116,7 @@ def command(inputs, extractor, mode, weights_dir, out, save_stats, cache_dir, no
         raise DitkError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
     if extractor == "auto":
         extractor = "inception"
-        if run_dir is not None and not inputs:
+        if run_dir is not None:
             from ditk.metrics.from_run import data_name
 
             extractor = "digits" if data_name(run_dir) == "digits" else "inception"
@@ -126,21 +129,24 @@ def command(inputs, extractor, mode, weights_dir, out, save_stats, cache_dir, no
         extra = {}
         if run_dir is not None:
             from ditk.metrics import from_run
-
             from ditk.metrics.inputs import load_side
 
             # Check the reference and the extractor's weights before spending minutes on sampling.
-            ref = load_side(inputs[0], "ref") if inputs else from_run.dataset_images(run_dir, progress=progress)
+            ref = load_side(inputs[0], "ref") if inputs else from_run.dataset_images(run_dir)
             handle.get()
             overrides = [*sets, *(f"{SHORTCUTS[k]}={v}" for k, v in shortcuts.items() if v is not None)]
+            start = time.perf_counter()
             gen = from_run.sample(run_dir, num, seed=seed, batch_size=sample_batch_size, out_dir=samples_dir,
                                   overrides=overrides, progress=progress)
-            extra = {"run": str(run_dir), "num": num, "samples": str(gen)}
+            extra = {"run": str(run_dir), "num": num, "samples": str(gen),
+                     "sampling_seconds": round(time.perf_counter() - start, 3)}
         else:
             gen, ref = inputs
         result = fid_lib.evaluate(gen, ref, handle, cache_dir=cache_dir, use_cache=not no_cache,
                                   save_stats=save_stats, kid=kid, kid_subsets=kid_subsets,
                                   kid_subset_size=kid_subset_size, seed=seed, **options)
+        if extra:
+            extra["seconds"] = round(result["seconds"] + extra["sampling_seconds"], 3)  # the whole evaluation
         result.update(extra)
     text = json.dumps(result)
     if out:

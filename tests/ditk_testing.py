@@ -22,3 +22,32 @@ def run_ditk(*args, cwd=None, env=None, timeout=300, check=False):
     return proc
 
 
+
+
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def invoke_ditk(*args, check=False):
+    """Run the CLI in this process (same code path as the `ditk` script, minus the interpreter start-up,
+    which costs seconds per call); returns an object like subprocess.CompletedProcess."""
+    import contextlib
+    import io
+
+    from accelerate.state import AcceleratorState
+
+    from ditk.cli import main
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # as in a fresh process
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    result = Result(code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"ditk {' '.join(map(str, args))} failed ({code}):\n{result.stderr[-3000:]}")
+    return result

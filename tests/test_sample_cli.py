@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from ditk_testing import TINY, run_ditk
+from ditk_testing import TINY, invoke_ditk, run_ditk
 
 
 def _sample(run, out, *args):
-    proc = run_ditk("sample", run, "--out", out, "--no-progress", *args, check=True)
+    proc = invoke_ditk("sample", run, "--out", out, "--no-progress", *args, check=True)
     assert proc.stdout.strip() == str(out)  # stdout carries the result only
     return np.load(out / "samples.npz")["arr_0"]
 
@@ -42,13 +42,13 @@ def test_seed_and_labels_change_the_images(trained_run, tmp_path):
     _sample(trained_run, tmp_path / "c", "--num", "2", "--class-labels", "7,seven", "--cfg-scale", "3")
     settings = json.loads((tmp_path / "c" / "report.json").read_text())["settings"]
     assert settings["class_labels"] == "7,seven" and settings["cfg_scale"] == 3.0
-    proc = run_ditk("sample", trained_run, "--class-labels", "11", "--out", tmp_path / "d")
+    proc = invoke_ditk("sample", trained_run, "--class-labels", "11", "--out", tmp_path / "d")
     assert proc.returncode == 2 and "11" in proc.stderr
 
 
 def test_other_settings_into_the_same_folder_are_refused(trained_run, tmp_path):
     _sample(trained_run, tmp_path / "s", "--num", "2")
-    proc = run_ditk("sample", trained_run, "--out", tmp_path / "s", "--num", "2", "--seed", "9")
+    proc = invoke_ditk("sample", trained_run, "--out", tmp_path / "s", "--num", "2", "--seed", "9")
     assert proc.returncode == 2 and "other settings" in proc.stderr
 
 
@@ -56,7 +56,7 @@ def test_every_solver_runs(trained_run, tmp_path):
     for solver in ("ddim", "dpm-solver++", "unipc"):
         arr = _sample(trained_run, tmp_path / solver, "--num", "2", "--solver", solver)
         assert arr.shape == (2, 8, 8, 1)
-    proc = run_ditk("sample", trained_run, "--solver", "euler", "--num", "1", "--out", tmp_path / "e")
+    proc = invoke_ditk("sample", trained_run, "--solver", "euler", "--num", "1", "--out", tmp_path / "e")
     assert proc.returncode == 2
 
 
@@ -70,7 +70,7 @@ def test_official_format_checkpoint_with_preset(trained_run, tmp_path):
     b = _sample(tmp_path / "DiT-tiny.pt", tmp_path / "from_pt", "--num", "3",
                 "--preset", trained_run / "config.yaml")
     np.testing.assert_array_equal(a, b)
-    proc = run_ditk("sample", tmp_path / "DiT-tiny.pt")
+    proc = invoke_ditk("sample", tmp_path / "DiT-tiny.pt")
     assert proc.returncode == 2 and "--preset" in proc.stderr
 
 
@@ -87,7 +87,7 @@ def test_latent_space_with_a_local_autoencoder_kl(tmp_path):
     args = [*TINY, "train.max_steps=2", "data.image_size=16", "autoencoder.name=autoencoder-kl",
             f"autoencoder.path={tmp_path / 'vae'}", "model.in_channels=4", "model.input_size=8",
             "train.precompute_latents=true", f"run.dir={tmp_path}", "run.name=latent", "--no-progress"]
-    run_ditk("train", "digits-dit", *args, check=True)
+    invoke_ditk("train", "digits-dit", *args, check=True)
     assert (tmp_path / "latent" / "latents.safetensors").is_file()
     arr = _sample(tmp_path / "latent", tmp_path / "s", "--num", "2")
     assert arr.shape == (2, 16, 16, 1)
