@@ -116,6 +116,8 @@ def _typed_section(section: str, given: Any, schema: type, allow_missing: bool =
     # A preset's `???` marks a value the user must give. (Merging `???` over a schema default keeps the
     # default, so look for it in what was given as well as in the schema.)
     missing = sorted(set(OmegaConf.missing_keys(typed)) | {k for k, v in given.items() if v == "???"})
+    for key in missing:  # keep the marker visible (`presets show`), whether or not it is allowed here
+        typed[key] = "???"
     if missing and not allow_missing:
         raise ConfigError(f"missing required key '{section}.{missing[0]}': set it in the preset or as {section}.{missing[0]}=...")
     return typed
