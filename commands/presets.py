@@ -37,3 +37,8 @@ def show(name, overrides):
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     click.echo(f"# parameters: {total:,} ({trainable:,} trainable)")
+    # Models with more to say (a mixture of experts: activated vs total) report it through parameter_report().
+    report = model.parameter_report() if hasattr(model, "parameter_report") else {}
+    for key, value in report.items():
+        if key not in ("total", "trainable"):
+            click.echo(f"# {key} parameters: {value:,} ({value / total:.1%} of total)")

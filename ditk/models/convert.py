@@ -311,6 +311,8 @@ def load_pretrained(model: DiT, path: str | os.PathLike) -> DiT:
     if any(key.startswith("transformer_blocks.") for key in sd):  # a diffusers state dict in a single file
         sd = diffusers_to_dit_state_dict(sd, source=str(path))
         sd["pos_embed"] = model.pos_embed.detach().clone()
+    if hasattr(model, "convert_state_dict"):  # a family whose official key names differ (e.g. DiT-MoE)
+        sd = model.convert_state_dict(sd)
     load_state_dict_checked(model, sd, str(path))
     return model
 

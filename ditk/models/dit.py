@@ -58,14 +58,19 @@ def dit_size_config(size: str, patch_size: int = 2, **overrides) -> DiTConfig:
 
 
 class DiTBlock(nn.Module):
-    """Attention and MLP, each wrapped in adaLN-Zero: x + gate * f(modulate(norm(x), shift, scale))."""
+    """Attention and MLP, each wrapped in adaLN-Zero: x + gate * f(modulate(norm(x), shift, scale)).
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    `attn` / `mlp` replace DiT's attention and GELU MLP by another token mixer or feed-forward module
+    (DiT-MoE passes a sparse mixture of experts) while keeping the block's adaLN-Zero wiring and names.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
+                 attn: nn.Module | None = None, mlp: nn.Module | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.attn = attn if attn is not None else Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = mlp if mlp is not None else Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -105,6 +110,7 @@ class DiT(nn.Module):
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.num_classes = num_classes
+        self.mlp_ratio = mlp_ratio
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -112,9 +118,13 @@ class DiT(nn.Module):
         # Fixed sin-cos embedding; a (frozen) Parameter rather than a buffer so the official state dict loads.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
 
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([self.make_block(i) for i in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
+    def make_block(self, index: int) -> nn.Module:
+        """Block `index` of the stack; variants (DiT-MoE) override this and reuse everything else."""
+        return DiTBlock(self.hidden_size, self.num_heads, mlp_ratio=self.mlp_ratio)
 
     def initialize_weights(self) -> None:
         # Transformer linears: xavier-uniform weights, zero biases (as in ViT/MAE).
@@ -133,7 +143,8 @@ class DiT(nn.Module):
 
         # Patch embedding: initialise the conv like the nn.Linear it is (xavier over the flattened patch).
         w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # its bias keeps nn.Conv2d's default init, as in DiT
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
 
         # Label embedding table and timestep MLP weights: N(0, 0.02).
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
