@@ -1,0 +1,301 @@
+"""Backbones side by side with DiT: parameters, GFLOPs per forward, CPU forward time and peak memory.
+
+    python benchmarks/bench_backbones.py [--families dit,diffusion-rwkv] [--sizes tiny,S] [--batch 1]
+                                         [--threads 1] [--repeats 3] [--json out.jsonl]
+
+For every model family in the MODELS registry it takes the family's tiny preset (`digits-*`) and its S-size
+preset (`*-s-2*`; the table FAMILY_PRESETS below pins the known ones) and measures each at two sequence
+lengths (the preset's resolution and a larger one: tiny 8 -> 32 px, i.e. 16 -> 256 tokens; S 32 -> 64 latent
+px, i.e. 256 -> 1024 tokens), next to a DiT with the same width, depth (number of blocks) and patch size.
+Families missing from the registry, or without such presets, are skipped with a note. Inputs: random
+latents, t = 500, class 0, or (caption models such as Dimba) random features for conditioner.max_length
+caption tokens.
+
+GFLOPs (1 GFLOP = 1e9 floating-point operations, a multiply-add = 2) per forward of one batch:
+  counted  torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions and attention (SDPA; the CPU
+           SDPA kernel gets the formula FlopCounterMode already uses for the CUDA ones) — what DiT's
+           FLOPs are made of. It does not see elementwise ops, so custom scans are invisible to it;
+  scan     analytic counts for those scans, from hooks on the scan modules during the counted forward:
+           Bi-WKV (Diffusion-RWKV) 13 T D per call, the paper's count (our chunked form's own N x N
+           chunk-carry einsum, which FlopCounterMode does see, is removed from `counted` so it is not
+           doubled); Mamba selective scan (DiS, Dimba) 5 T d_inner d_state per direction (discretisation
+           dt*A and its exp, dt*B*u, and the recurrence a*h + b; the output contraction C.h is an einsum that
+           FlopCounterMode counts).
+Note DiT's paper tables quote multiply-accumulates: DiT-S/2's "6.06 Gflops" is ~12.1 GFLOPs here.
+Peak memory: the rise of the process's peak resident set size (ru_maxrss) over its size before the first
+forward, measured in a fresh process per row, so each number is that model's own inference peak (weights
+excluded, activations and workspace included). Times ("fwd ms"): median CPU time of the process (time.process_time) over --repeats no-grad forwards after
+one warm-up, on --threads CPU threads (1 by default): on one thread this equals the wall time of an idle
+machine and, unlike wall time, is not inflated when other jobs share the cores (wall times are in --json).
+Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+# Presets per family (tiny on the embedded digits, S-size at 256x256). Families not listed are discovered
+# from the shipped presets by model name; listed families whose model is not registered are skipped.
+FAMILY_PRESETS = {
+    "dit": {"tiny": "digits-dit", "S": "dit-s-2"},
+    "dit-moe": {"tiny": "digits-dit-moe", "S": "dit-moe-s-2-8e2a"},
+    "dis": {"tiny": "digits-dis", "S": "dis-s-2"},
+    "diffusion-rwkv": {"tiny": "digits-drwkv", "S": "drwkv-s-2"},
+    "dimba": {"tiny": "digits-dimba", "S": None},  # Dimba ships L and G only (text-to-image)
+}
+SCALE = {"tiny": 4, "S": 2}  # second sequence length: input side x this (tokens x this^2)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0); False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes(reset_worked: bool) -> int:
+    if reset_worked:
+        return _status_kib("VmHWM") * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # lifetime peak (KiB on Linux)
+
+
+def build(spec: dict):
+    """A model (eval mode) from {"preset", "overrides"}, or a DiT twin from {"dit": DiT kwargs}."""
+    import torch
+
+    from ditk.build import build_model
+    from ditk.config import resolve
+    from ditk.models.dit import DiT
+
+    torch.manual_seed(0)
+    if "dit" in spec:
+        return DiT(**spec["dit"]).eval()
+    cfg = resolve(spec["preset"], spec.get("overrides", []), allow_missing=("data", "autoencoder"))
+    return build_model(cfg).eval()
+
+
+def conditioning(model, batch: int, text_tokens: int) -> dict:
+    """Class labels (all 0) for class-conditional models; random text-token features (all valid) for models
+    that cross-attend to a caption (Dimba: `context` (N, L, caption_channels), `context_mask`)."""
+    import torch
+
+    params = inspect.signature(model.forward).parameters
+    required = {n for n, p in list(params.items())[2:] if p.default is inspect.Parameter.empty}
+    if "context" in params and hasattr(model, "caption_channels"):
+        g = torch.Generator().manual_seed(0)
+        cond = {"context": torch.randn(batch, text_tokens, model.caption_channels, generator=g)}
+        if "context_mask" in params:
+            cond["context_mask"] = torch.ones(batch, text_tokens, dtype=torch.bool)
+        return cond
+    if required - {"y"}:
+        raise NotImplementedError(f"needs {sorted(required - {'y'})}: only class and caption conditioning are benchmarked")
+    if "y" in params and getattr(model, "num_classes", 0):
+        return {"y": torch.zeros(batch, dtype=torch.long)}
+    return {}
+
+
+def count_cpu_attention() -> None:
+    """FlopCounterMode has formulas for the CUDA SDPA kernels but not for the CPU one that DiT's attention
+    runs here, so attention would count as 0; register the same formula (QK^T and AV: 4 B H T^2 d) for it."""
+    import torch
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None and op not in flop_registry and op.default not in flop_registry:
+        register_flop_formula(op)(lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v))
+
+
+def analytic_scan_flops(model, run) -> tuple[int, int, int]:
+    """(analytic scan FLOPs, FlopCounterMode total, FlopCounterMode FLOPs inside Bi-WKV modules) of `run()`."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = [0]
+    hooks = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind == "BiWKV":
+            def wkv_hook(mod, args, out):
+                from ditk.models.rwkv import bi_wkv_flops
+
+                flops[0] += bi_wkv_flops(*args[2].shape)  # the paper's 13 T D per Bi-WKV
+            hooks.append(module.register_forward_hook(wkv_hook))
+        elif hasattr(module, "A_log") and hasattr(module, "d_inner") and hasattr(module, "d_state"):
+            def mamba_hook(mod, args, out):
+                n, length = args[0].shape[0], args[0].shape[1]
+                directions = 2 if getattr(mod, "bidirectional", False) else 1
+                flops[0] += 5 * n * length * mod.d_inner * mod.d_state * directions
+            hooks.append(module.register_forward_hook(mamba_hook))
+    count_cpu_attention()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        run()
+    for h in hooks:
+        h.remove()
+    inside_wkv = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                     if name.split(".")[-1] == "wkv")
+    return flops[0], counter.get_total_flops(), inside_wkv
+
+
+def child(spec: dict, batch: int, repeats: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    model = build(spec)
+    size = model.input_size
+    x = torch.randn(batch, model.in_channels, size, size)
+    t = torch.full((batch,), 500.0)
+    cond = conditioning(model, batch, spec.get("text_tokens", 16))
+
+    def run():
+        return model(x, t, **cond)
+
+    params = sum(p.numel() for p in model.parameters())
+    gc.collect()
+    reset = reset_peak_rss()
+    before = _status_kib("VmRSS") * 1024 if reset else max(_status_kib("VmRSS") * 1024, peak_rss_bytes(False))
+    with torch.no_grad():
+        run()  # warm-up; sets the peak
+    peak = peak_rss_bytes(reset) - before
+    times, cpu_times = [], []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            run()
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+    scan, counted, inside_wkv = analytic_scan_flops(model, run)
+    tokens = (size // model.patch_size) ** 2
+    return {"params": params, "tokens": tokens, "blocks": len(model.blocks), "gflops_counted": (counted - inside_wkv) / 1e9,
+            "gflops_scan": scan / 1e9, "fwd_ms": 1e3 * statistics.median(cpu_times),
+            "wall_ms": 1e3 * statistics.median(times), "peak_mb": max(peak, 0) / 2**20}
+
+
+def run_child(spec: dict, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec), "--batch", str(args.batch),
+           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def discover() -> dict:
+    """family -> {"tiny": preset|None, "S": preset|None} for every registered model."""
+    from ditk.config import preset_names, resolve
+    from ditk.registry import MODELS
+
+    by_model = {}
+    for name in preset_names():
+        try:
+            cfg = resolve(name, allow_missing=("data", "autoencoder"))
+        except Exception:  # a preset another engineer is still writing: not this script's business
+            continue
+        by_model.setdefault(cfg.model.name, []).append((name, cfg))
+    families = {}
+    for family in MODELS.names():
+        presets = dict(by_model.get(family, []))
+        pinned = FAMILY_PRESETS.get(family, {})
+        tiny = pinned.get("tiny") if pinned.get("tiny") in presets else next(
+            (n for n in sorted(presets) if n.startswith("digits-")), None)
+        s_size = pinned.get("S") if pinned.get("S") in presets else next(
+            (n for n in sorted(presets, key=len) if re.search(r"-s-2(-|$)", n)), None)
+        families[family] = {"tiny": tiny, "S": s_size, "configs": presets}
+    return families
+
+
+def dit_twin(cfg, blocks: int, input_size: int) -> dict:
+    d = int(cfg.model.hidden_size)
+    heads = next(h for h in (d // 64, 6, 8, 4, 2, 1) if h > 0 and d % h == 0)
+    return {"dit": dict(input_size=input_size, patch_size=int(cfg.model.patch_size),
+                        in_channels=int(cfg.model.in_channels), hidden_size=d, depth=blocks, num_heads=heads,
+                        num_classes=int(cfg.model.get("num_classes", 1000) or 1000),
+                        learn_sigma=bool(cfg.model.get("learn_sigma", True)))}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default="", help="comma-separated model names (default: all registered)")
+    parser.add_argument("--sizes", default="tiny,S")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default="", help="also write one JSON object per row to this file")
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child), args.batch, args.repeats, args.threads)))
+        return
+
+    families = discover()
+    wanted = [f for f in args.families.split(",") if f] or list(families)
+    for family in wanted:
+        if family not in families:
+            print(f"note: '{family}' is not in the MODELS registry (yet): skipped", file=sys.stderr)
+    header = ("| family | model | tokens | params (M) | GFLOPs counted | + scan (analytic) | fwd ms | peak MB "
+              "| DiT same D/depth: params (M) | GFLOPs | fwd ms | peak MB | time / DiT |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    rows = []
+    for family in [f for f in wanted if f in families]:
+        for size in [s for s in args.sizes.split(",") if s]:
+            preset = families[family].get(size)
+            if not preset:
+                print(f"note: {family} has no {size} preset: skipped", file=sys.stderr)
+                continue
+            cfg = families[family]["configs"][preset]
+            base = int(cfg.model.input_size)
+            for input_size in (base, base * SCALE.get(size, 2)):
+                spec = {"preset": preset, "overrides": [f"model.input_size={input_size}"],
+                        "text_tokens": int(cfg.get("conditioner", {}).get("max_length", 16) or 16)}
+                try:
+                    ours = run_child(spec, args)
+                    twin = None if family == "dit" else run_child(dit_twin(cfg, ours["blocks"], input_size), args)
+                except Exception as err:  # a family still being written, or one we cannot condition
+                    print(f"note: {family} {preset} at {input_size}px: {err}: skipped", file=sys.stderr)
+                    continue
+                row = {"family": family, "preset": preset, "input_size": input_size, **ours,
+                       "dit": twin, "batch": args.batch, "threads": args.threads}
+                rows.append(row)
+                gf = ours["gflops_counted"] + ours["gflops_scan"]
+                dit_cols = ["—"] * 5 if twin is None else [
+                    f"{twin['params'] / 1e6:.1f}", f"{twin['gflops_counted']:.3g}", f"{twin['fwd_ms']:.1f}",
+                    f"{twin['peak_mb']:.0f}", f"{ours['fwd_ms'] / twin['fwd_ms']:.2f}x"]
+                print(f"| {family} | {preset} @{input_size}px ({ours['blocks']} blocks) | {ours['tokens']} | "
+                      f"{ours['params'] / 1e6:.1f} | {ours['gflops_counted']:.3g} | "
+                      f"{ours['gflops_scan']:.3g} (total {gf:.3g}) | {ours['fwd_ms']:.1f} | {ours['peak_mb']:.0f} | "
+                      + " | ".join(dit_cols) + " |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    import torch
+
+    print(f"\nbatch {args.batch}, {args.threads} CPU thread(s), median of {args.repeats} no-grad forwards, "
+          f"torch {torch.__version__}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
