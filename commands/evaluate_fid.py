@@ -42,9 +42,13 @@ SHORTCUTS = {"solver": "sample.solver", "steps": "sample.steps", "cfg_scale": "s
 @click.option("--cfg-scale", type=float, help="With --run: override the preset's guidance scale.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="With --run: any config override (repeatable).")
 @click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
+@click.option("--modality", type=click.Choice(["image", "audio"]), default="image", show_default=True,
+              help="audio: Fréchet audio distance (FAD) of folders of audio files, embedded by --features.")
+@click.option("--features", type=click.Path(file_okay=False),
+              help="With --modality audio: a trained A-JEPA run (or checkpoint) whose target encoder embeds the audio.")
 def command(inputs, extractor, mode, weights_dir, out, save_stats, cache_dir, no_cache, kid, kid_subsets,
             kid_subset_size, seed, batch_size, workers, device, run_dir, num, samples_dir, sample_batch_size, sets,
-            no_progress, **shortcuts):
+            no_progress, modality, features, **shortcuts):
     """FID and KID of GEN against REF, as clean-fid computes them, on a machine without internet.
 
     \b
@@ -59,6 +63,7 @@ def command(inputs, extractor, mode, weights_dir, out, save_stats, cache_dir, no
       ditk evaluate-fid samples.npz VIRTUAL_imagenet256_labeled.npz --mode legacy_tensorflow --weights-dir W
       ditk evaluate-fid --run runs/digits-dit --num 1000
       ditk evaluate-fid data/ref/ --save-stats ref-stats.npz --weights-dir W
+      ditk evaluate-fid --modality audio gen_wavs/ ref_wavs/ --features runs/a-jepa-tiny
 
     Prints one JSON object on stdout (fid, kid_mean, kid_std, n_gen, n_ref, mode, feature_extractor,
     weights_sha256, seconds, ...); progress goes to stderr. With one input and --save-stats, writes that
@@ -82,6 +87,11 @@ def command(inputs, extractor, mode, weights_dir, out, save_stats, cache_dir, no
     --solver/--steps/--cfg-scale/--set override them; resumable) and compares them with the run's
     training data set, or with REF if given.
 
+    \b
+    --modality audio: GEN and REF are folders of audio files (wav, flac, ogg, ...) or statistics files; each
+    file is resampled to the --features run's rate, cut into windows of its training length and embedded
+    by its A-JEPA target encoder (one observation per window); prints fad (and KID on the same embeddings).
+
     Not implemented yet: sFID, Inception Score, precision/recall (the ADM evaluator reports them).
 
     Exit codes: 0 ok, 2 bad input (one line on stderr), 1 unexpected failure.
@@ -92,6 +102,39 @@ def command(inputs, extractor, mode, weights_dir, out, save_stats, cache_dir, no
 
     inputs = list(inputs)
     progress = not no_progress
+    if modality == "audio":
+        given = [name for name, used in (("--run", run_dir), ("--num", num), ("--samples-dir", samples_dir),
+                                         ("--set", sets), ("--extractor", extractor != "auto"),
+                                         ("--mode", mode != "clean"), ("--weights-dir", weights_dir),
+                                         ("--workers", workers is not None))
+                 if used] + [f"--{k.replace('_', '-')}" for k, v in shortcuts.items() if v is not None]
+        if given:
+            raise DitkError(f"{', '.join(given)} only apply to images: with --modality audio pass GEN and REF folders "
+                            f"of audio files and --features RUN (an A-JEPA run)")
+        if len(inputs) not in (1, 2) or (len(inputs) == 1 and not save_stats):
+            raise DitkError("pass GEN and REF (folders of audio files or statistics files), or one input with "
+                            "--save-stats to write its statistics")
+        import torch
+
+        from ditk.metrics import audio
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        options = dict(device=device, batch_size=batch_size, progress=progress)
+        if len(inputs) == 1:
+            result = audio.compute_stats(inputs[0], features, save_stats, **options)
+        else:
+            result = audio.evaluate(inputs[0], inputs[1], features, cache_dir=cache_dir, use_cache=not no_cache,
+                                    save_stats=save_stats, kid=kid, kid_subsets=kid_subsets,
+                                    kid_subset_size=kid_subset_size, seed=seed, **options)
+        if out:
+            from ditk.atomic import write_text
+
+            write_text(out, json.dumps(result, indent=2) + "\n")
+        click.echo(json.dumps(result))
+        return
+    if features is not None:
+        raise DitkError("--features applies to --modality audio; images are embedded by --extractor")
     if run_dir is None:
         if num is not None or samples_dir is not None or sets or any(v is not None for v in shortcuts.values()):
             raise DitkError("--num, --samples-dir, --solver, --steps, --cfg-scale and --set only apply with --run RUN")

@@ -40,6 +40,11 @@ def check_model_objective(model, objective, cfg: DictConfig) -> None:
         )
 
 
+def latent_shape(model) -> tuple:
+    """Shape of one model input (C, H, W): square unless the model says otherwise (e.g. mel latents)."""
+    return tuple(getattr(model, "latent_shape", None) or (model.in_channels, model.input_size, model.input_size))
+
+
 def check_model_data(model, data_shape: tuple, latent_channels: int, downsample: int, num_classes: int) -> None:
     """The model must accept what the dataset + autoencoder produce; say which key to change if not."""
     c, h, w = data_shape

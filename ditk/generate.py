@@ -8,6 +8,7 @@ generating only the indices whose PNG is missing.
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from .build import build_autoencoder, build_conditioner, build_model, build_objective, check_model_objective
+from .build import build_autoencoder, build_conditioner, build_model, build_objective, check_model_objective, latent_shape
 from .config import load_run_config, resolve
 from .errors import ConfigError
 from .runs import load_weights, resolve_checkpoint, save_json
@@ -33,6 +34,8 @@ class Pipeline:
     conditioner: object
     device: torch.device
     source: str = ""
+    run_dir: Optional[Path] = None  # None for bare weights
+    policy: object = None  # the ditk.cache policy, built on first use (ditk.cache.pipeline.policy_for)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -64,6 +67,7 @@ def load_pipeline(source: str, preset: Optional[str] = None, overrides: Sequence
         state_dict = None
         label = path.name
         class_names = None
+        run_dir = None
     dev = pick_device(device)
     model = build_model(cfg)
     objective = build_objective(cfg)
@@ -76,8 +80,16 @@ def load_pipeline(source: str, preset: Optional[str] = None, overrides: Sequence
         load_pretrained(model, path)
     model.to(dev).eval().requires_grad_(False)
     autoencoder = build_autoencoder(cfg).to(dev)
-    conditioner = build_conditioner(cfg, model.num_classes, class_names)
-    return Pipeline(cfg, model, objective, autoencoder, conditioner, dev, label)
+    num_classes = len(class_names) if class_names else model.num_classes
+    conditioner = build_conditioner(cfg, num_classes, class_names)
+    return Pipeline(cfg, model, objective, autoencoder, conditioner, dev, label, run_dir=run_dir)
+
+
+def modality(cfg: DictConfig) -> str:
+    """'audio' for runs on an audio data set (they sample clips: ditk.audio.generate), else 'image'."""
+    from .registry import DATASETS
+
+    return getattr(DATASETS.get(cfg.data.name).builder, "modality", "image")
 
 
 def class_labels(spec: str, indices: Sequence[int], num_classes: int, seed: int, conditioner) -> torch.Tensor:
@@ -97,26 +109,40 @@ def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]
 
 
 @torch.no_grad()
-def sample_images(pipe: Pipeline, indices: Sequence[int], progress: bool = False) -> torch.Tensor:
-    """Images for the given global indices, in [-1, 1], (N, C, H, W) on the CPU."""
+def sample_images(pipe: Pipeline, indices: Sequence[int], progress: bool = False, cache=None) -> torch.Tensor:
+    """Images for the given global indices, in [-1, 1], (N, C, H, W) on the CPU. cache: a ditk.cache policy
+    (default: the pipeline's, from sample.cache)."""
+    from .cache.pipeline import compiled_units, policy_for
     from .sampling import sample
 
     sc = pipe.cfg.sample
     model = pipe.model
     gens = image_generators(sc.seed, indices)
-    shape = (model.in_channels, model.input_size, model.input_size)
+    shape = latent_shape(model)
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(pipe.device)
-    labels = class_labels(sc.class_labels, indices, model.num_classes, sc.seed, pipe.conditioner).to(pipe.device)
-    cond = pipe.conditioner.cond(labels)
-    uncond = pipe.conditioner.uncond(len(indices)) if sc.cfg_scale != 1.0 else None
-    latents = sample(model, pipe.objective, noise, cond, uncond, solver=sc.solver, steps=sc.steps,
-                     cfg_scale=sc.cfg_scale, cfg_channels=sc.cfg_channels, generator=gens, progress=progress,
-                     solver_options=dict(sc.solver_options))
+    if sc.prompt:
+        if not hasattr(pipe.conditioner, "encode_prompts"):
+            raise ConfigError(f"--prompt needs a text-conditioned model; this one uses the '{pipe.cfg.conditioner.name}' conditioner: use --class-labels")
+        cond = pipe.conditioner.encode_prompts([sc.prompt] * len(indices), pipe.device)
+    else:
+        labels = class_labels(sc.class_labels, indices, pipe.conditioner.num_classes, sc.seed, pipe.conditioner)
+        cond = pipe.conditioner.cond(labels.to(pipe.device))
+    uncond = pipe.conditioner.uncond(len(indices), pipe.device) if sc.cfg_scale != 1.0 else None
+    policy = cache if cache is not None else policy_for(pipe)
+    with compiled_units(model, policy, sc.compile):
+        latents = sample(model, pipe.objective, noise, cond, uncond, solver=sc.solver, steps=sc.steps,
+                         cfg_scale=sc.cfg_scale, cfg_channels=sc.cfg_channels, generator=gens, progress=progress,
+                         solver_options=dict(sc.solver_options), cache=policy, precision=sc.precision,
+                         time_shift_window=sc.time_shift_window, time_shift_cutoff=sc.time_shift_cutoff)
     return pipe.autoencoder.decode(latents).float().clamp(-1, 1).cpu()
 
 
 def write_training_grid(pipe: Pipeline, path: Path) -> None:
     """The grid `train` writes every `train.sample_every` steps, from the EMA weights."""
+    if modality(pipe.cfg) == "audio":  # audio runs: a picture of the sampled spectrograms
+        from .audio.generate import write_training_spectrograms
+
+        return write_training_spectrograms(pipe, path)
     from .io import save_grid
 
     was_training = pipe.model.training
@@ -130,14 +156,28 @@ def _grid_cols(n: int) -> int:
     return max(1, int(np.ceil(np.sqrt(n))))
 
 
-def generate_to_dir(pipe: Pipeline, out_dir: Path, progress: bool = True) -> dict:
+def generate_to_dir(pipe: Pipeline, out_dir: Path, progress: bool = True, compare_to_full: bool = False,
+                    duration: Optional[float] = None) -> dict:
     """Write images/NNNNNN.png for indices 0..num-1 (skipping those present), grid.png, samples.npz and
-    report.json into out_dir. Returns the report."""
+    report.json into out_dir. Returns the report. compare_to_full: also sample the same images without the
+    cache policy and report speed-up and distance (ditk.cache.pipeline.compare_to_full).
+    Audio runs write WAV clips of `duration` seconds instead (ditk.audio.generate)."""
+    if modality(pipe.cfg) == "audio":
+        if compare_to_full:
+            raise ConfigError("--compare-to-full is for image models: drop it for this audio run")
+        from .audio.generate import generate_audio_to_dir
+
+        return generate_audio_to_dir(pipe, out_dir, progress=progress, duration=duration)
+    if duration is not None:
+        raise ConfigError("--duration is for audio models; this run makes images: drop --duration")
     from tqdm import tqdm
 
+    from .cache import pipeline as cache_layer
     from .io import save_grid, save_npz, save_pngs
 
     sc = pipe.cfg.sample
+    policy = cache_layer.policy_for(pipe)  # before the settings check: it may record calibrated coefficients
+    cache_layer.reset_counts(policy)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     _check_same_settings(out_dir, pipe)
@@ -169,7 +209,12 @@ def generate_to_dir(pipe: Pipeline, out_dir: Path, progress: bool = True) -> dic
         "images_per_sec": round(len(todo) / seconds, 3) if todo else None,
         "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "device": str(pipe.device), "settings": json.loads(json.dumps(dict(_plain(sc)))),
+        "seconds_per_image": round(seconds / len(todo), 5) if todo else None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # whole process, Linux KiB
+        "cache": policy.report(), "compile": cache_layer.compile_report(sc.compile),
     }
+    if compare_to_full:
+        report["comparison"] = cache_layer.compare_to_full(pipe, out_dir)
     save_json(out_dir / "report.json", report)
     return report
 
@@ -195,9 +240,12 @@ def _plain(section) -> dict:
     return OmegaConf.to_container(section, resolve=True)
 
 
-def default_out_dir(pipe: Pipeline, source: str) -> Path:
+def default_out_dir(pipe: Pipeline, source: str, duration: Optional[float] = None) -> Path:
     sc = pipe.cfg.sample
     tag = f"{sc.solver}{sc.steps}-cfg{sc.cfg_scale:g}-seed{sc.seed}"
+    tag += f"-{duration:g}s" if duration else ""
+    tag += f"-{sc.cache}" if sc.cache != "none" else ""
+    tag += f"-ts{sc.time_shift_window}" if sc.time_shift_window else ""
     path = Path(source)
     if (path / "config.yaml").is_file() or (path / "state.pt").is_file():
         run_dir, ckpt = resolve_checkpoint(path)

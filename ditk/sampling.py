@@ -6,8 +6,10 @@ the model (with classifier-free guidance) and `scheduler.step`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
+from types import SimpleNamespace
 from typing import Optional, Union
 
 import torch
@@ -66,13 +68,21 @@ def sample(
     generator: Union[torch.Generator, list[torch.Generator], None] = None,
     progress: bool = False,
     solver_options: Optional[dict] = None,
+    cache=None,
+    precision: str = "fp32",
+    time_shift_window: int = 0,
+    time_shift_cutoff: int = 300,
 ) -> torch.Tensor:
     """Integrate the reverse process from `noise` (N, C, H, W) to x0 of the same shape.
 
     cond/uncond: model keyword arguments (e.g. {"y": labels} and {"y": null labels}); uncond is needed when
     cfg_scale != 1. generator: the only source of randomness for stochastic solvers (ddpm, ddim with eta > 0);
     a list of N generators draws each sample's noise from its own generator, so a sample does not depend on
-    which batch it was drawn in."""
+    which batch it was drawn in.
+
+    cache: a `ditk.cache` policy (build_policy) applied to this call's model evaluations; it accumulates
+    the NFE counts of its report. precision "bf16": autocast the model calls to bfloat16 (CUDA only).
+    time_shift_window > 0: the time-shift sampler (TS-DDIM, see `TimeShift`; solver ddim only)."""
     from diffusers import DDPMScheduler
     from tqdm import tqdm
 
@@ -93,6 +103,13 @@ def sample(
     options = dict(solver_options or {})
     step_kwargs = {k: options.pop(k) for k in list(options) if k in build.step_options}
     scheduler = build(objective, steps, device=device, **options)
+    if time_shift_window:
+        scheduler = TimeShift(scheduler, objective, solver, int(time_shift_window), int(time_shift_cutoff))
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"unknown precision '{precision}': use fp32 or bf16")
+    if precision == "bf16" and device.type != "cuda":
+        raise ConfigError("precision bf16 is autocast on a GPU: sample on --device cuda, or use --precision fp32")
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     if "generator" in inspect.signature(scheduler.step).parameters:
         step_kwargs["generator"] = generator
 
@@ -105,18 +122,86 @@ def sample(
     )
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
     bar = tqdm(scheduler.timesteps, desc=f"{solver} {steps} steps", disable=not progress, file=sys.stderr, leave=False)
-    for t in bar:
-        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        t_model = objective.scheduler_timestep_to_model_time(t).to(device=device, dtype=torch.float32).expand(n)
-        if guided:
-            out = model(torch.cat([x_in, x_in], dim=0), torch.cat([t_model, t_model], dim=0), **model_kwargs)
-            out = guide(out, float(cfg_scale), cfg_channels, channels)
-        else:
-            out = model(x_in, t_model, **model_kwargs)
-        if out.shape[1] not in (channels, 2 * channels):
-            raise ValueError(f"model output has {out.shape[1]} channels for a {channels}-channel input")
-        if full_output and out.shape[1] != 2 * channels:
-            raise ValueError(f"the objective learns the variance but the model outputs only {out.shape[1]} channels")
-        x = scheduler.step(out if full_output else out[:, :channels], t, x, **step_kwargs).prev_sample
+    # One cache session per call: fresh cache state, every evaluation of this loop keyed by its index.
+    session = cache.session(model, len(scheduler.timesteps)) if cache is not None else contextlib.nullcontext()
+    with session:
+        for t in bar:
+            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+            t_rows = scheduler.row_timesteps(x, t) if isinstance(scheduler, TimeShift) else t
+            t_model = objective.scheduler_timestep_to_model_time(t_rows).to(device=device, dtype=torch.float32).expand(n)
+            with amp():
+                if guided:
+                    out = model(torch.cat([x_in, x_in], dim=0), torch.cat([t_model, t_model], dim=0), **model_kwargs)
+                else:
+                    out = model(x_in, t_model, **model_kwargs)
+            if out.dtype in (torch.bfloat16, torch.float16):
+                out = out.float()
+            if guided:
+                out = guide(out, float(cfg_scale), cfg_channels, channels)
+            if out.shape[1] not in (channels, 2 * channels):
+                raise ValueError(f"model output has {out.shape[1]} channels for a {channels}-channel input")
+            if full_output and out.shape[1] != 2 * channels:
+                raise ValueError(f"the objective learns the variance but the model outputs only {out.shape[1]} channels")
+            x = scheduler.step(out if full_output else out[:, :channels], t, x, **step_kwargs).prev_sample
     return x
+
+
+class TimeShift:
+    """The time-shift sampler (Li et al., ICLR 2024, "Alleviating Exposure Bias in Diffusion Models through
+    Sampling with Shifted Time Steps"; TS-DDIM as in their ADM code).
+
+    A generated x_t carries a different noise level than the training x_t of the same t (exposure bias).
+    Before every evaluation after the first, while the nominal timestep t is above `cutoff`, each sample
+    picks, among the training timesteps t' in a window of `window` around t, the one whose noise variance
+    1 - alpha_bar(t') is closest to its own pixel variance; the model is evaluated at t' and the DDIM step
+    goes from t' by the nominal stride (diffusers' DDIMScheduler.step at t', per group of rows that chose the
+    same t'). Below the cutoff, and for window 0, it is plain DDIM.
+    """
+
+    def __init__(self, scheduler, objective, solver: str, window: int, cutoff: int):
+        from diffusers import DDIMScheduler
+
+        if window < 0:
+            raise ConfigError(f"time_shift_window must be >= 0, got {window}")
+        if not isinstance(scheduler, DDIMScheduler) or not hasattr(objective, "alphas_cumprod"):
+            raise ConfigError(f"the time-shift sampler is TS-DDIM: use --solver ddim with a DDPM model (not '{solver}')")
+        self.scheduler = scheduler
+        self.timesteps = scheduler.timesteps
+        self.noise_var = 1.0 - objective.alphas_cumprod.double()  # the variance of x_t for data of variance 0
+        self.window, self.cutoff = window, cutoff
+        self._k = 0
+        self._rows = None
+
+    def scale_model_input(self, x, t):
+        return x
+
+    def row_timesteps(self, x: torch.Tensor, t) -> torch.Tensor:
+        """The (n,) timesteps the model is evaluated at for the current sample x at nominal timestep t."""
+        t = int(t)
+        n = x.shape[0]
+        if self._k == 0 or self.window == 0 or t <= self.cutoff:
+            chosen = torch.full((n,), t, dtype=torch.long)
+        else:
+            half = self.window // 2
+            lo = t - half if t - half > 0 else 0
+            hi = min(lo + (2 * half if lo else self.window) + 1, len(self.noise_var))
+            candidates = self.noise_var[lo:hi]
+            var = x.detach().double().flatten(1).var(dim=1).cpu()  # unbiased, as torch.var in the authors' code
+            chosen = lo + torch.argmin((var[:, None] - candidates[None]) ** 2, dim=1)
+        self._rows = chosen
+        return chosen.to(x.device)
+
+    def step(self, model_output, timestep, sample, generator=None, **kwargs):
+        prev = torch.empty_like(sample)
+        rows_of_t = self._rows
+        for value in torch.unique(rows_of_t).tolist():
+            rows = rows_of_t == value
+            if isinstance(generator, list):
+                gen = [g for g, keep in zip(generator, rows.tolist()) if keep]
+            else:
+                gen = generator
+            idx = rows.to(sample.device)
+            prev[idx] = self.scheduler.step(model_output[idx], value, sample[idx], generator=gen, **kwargs).prev_sample
+        self._k += 1
+        return SimpleNamespace(prev_sample=prev)
 

@@ -55,6 +55,12 @@ class SampleConfig:
     prompt: str = ""  # text-conditioned models: one prompt for every image (overrides class_labels)
     grid_scale: int = 1  # nearest-neighbour upscaling of the grid PNG, for tiny images
     solver_options: Dict[str, Any] = field(default_factory=dict)
+    cache: str = "none"  # feature-cache policy (ditk.cache): none | fora | taylorseer | delta-dit | fbc | teacache
+    cache_options: Dict[str, Any] = field(default_factory=dict)  # the policy's options, e.g. {interval: 4}
+    compile: bool = False  # torch.compile the units the sampler runs (blocks, or the cached sub-modules)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, GPU)
+    time_shift_window: int = 0  # > 0: time-shift sampler (TS-DDIM) choosing among this many training timesteps
+    time_shift_cutoff: int = 300  # ... only while the nominal timestep is above this one (the authors' default)
 
 
 FIXED_SECTIONS = {"run": RunConfig, "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig}

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from .build import (build_autoencoder, build_conditioner, build_dataset, build_model, build_objective,
-                    check_model_data, check_model_objective)
+                    check_model_data, check_model_objective, latent_shape)
 from .config import section_obj, to_yaml
 from .errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
 from .runs import RunDir, load_state, load_weights, save_checkpoint, save_json
@@ -161,7 +161,7 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=tc.num_workers,
                                          pin_memory=device.type == "cuda", persistent_workers=tc.num_workers > 0)
     batches = iter(loader)
-    latent_shape = (raw_model.in_channels, raw_model.input_size, raw_model.input_size)
+    input_shape = latent_shape(raw_model)
     drop_p = float(getattr(cfg.model, "class_dropout_prob", 0.0))
 
     def save(step: int) -> None:
@@ -173,7 +173,7 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
         accelerator.wait_for_everyone()
 
     def sample_grid(step: int) -> None:
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and objective.solvers:  # an objective without solvers (A-JEPA) samples nothing
             from .generate import Pipeline, write_training_grid
 
             pipe = Pipeline(cfg, ema, objective, autoencoder, conditioner, device)
@@ -188,8 +188,10 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
     while step < tc.max_steps:
         images, labels = next(batches)
         gen = step_generator(cfg.run.seed, step)
+        if hasattr(objective, "begin_step"):  # objectives with a schedule over training (A-JEPA's mask curriculum)
+            objective.begin_step(raw_model, step, tc.max_steps)
         t_all = objective.sample_time(tc.global_batch_size, gen)
-        noise_all = torch.randn((tc.global_batch_size, *latent_shape), generator=gen)
+        noise_all = torch.randn((tc.global_batch_size, *input_shape), generator=gen)
         drop_all = torch.rand(tc.global_batch_size, generator=gen) < drop_p
         mine = slice(rank, None, world)  # the same positions the sampler gave this process
         t, noise, drop = t_all[mine].to(device), noise_all[mine].to(device), drop_all[mine]
@@ -217,6 +219,8 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
         optimizer.zero_grad(set_to_none=True)
         decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
         update_ema(ema, raw_model, decay)
+        if hasattr(objective, "end_step"):  # e.g. A-JEPA's momentum update of its target encoder
+            objective.end_step(raw_model, step, tc.max_steps)
         step += 1
         bar.update(1)
 

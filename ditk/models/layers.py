@@ -207,3 +207,57 @@ def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid: tuple[int,
     x = x.reshape(x.shape[0], h, w, p, p, channels)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(x.shape[0], channels, h * p, w * p)
+
+
+class WideTimestepEmbedder(TimestepEmbedder):
+    """t (N,) -> (N, D) through a `frequency_embedding_size` sinusoid and Linear-SiLU-Linear with a hidden layer
+    of its own width (U-ViT style, as DiS: a D-dim sinusoid and a 4D hidden layer). Same names (mlp.0, mlp.2)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int, mlp_hidden_size: int):
+        nn.Module.__init__(self)
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, mlp_hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(mlp_hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = 0.0
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of tokens x (N, T, D) to a context (N, L, D_ctx) (PixArt's MultiHeadCrossAttention
+    layout: `q_linear`, `kv_linear` (fused [k | v]), `proj`), with an optional key mask (N, L) bool, True = attend.
+
+    Hook points as in `Attention`: `q_hook`, `k_hook`, `v_hook` see (N, heads, T or L, head_dim), `out_hook`
+    the attention output (N, T, D) before `proj`. A sample whose mask is all False gets a zero output.
+    """
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ConfigError(f"hidden size {dim} is not divisible by num_heads {num_heads}: pick a divisor")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_linear = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv_linear = nn.Linear(context_dim or dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.q_hook = HookPoint()
+        self.k_hook = HookPoint()
+        self.v_hook = HookPoint()
+        self.out_hook = HookPoint()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        n, t, d = x.shape
+        q = self.q_linear(x).reshape(n, t, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv_linear(context).reshape(n, context.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.q_hook(q), self.k_hook(kv[0]), self.v_hook(kv[1])
+        attn_mask, empty = None, None
+        if mask is not None:
+            mask = mask.to(device=x.device, dtype=torch.bool)
+            empty = ~mask.any(dim=1)  # (N,): nothing to attend to
+            attn_mask = (mask | empty[:, None])[:, None, None, :]  # (N, 1, 1, L), broadcast over heads and queries
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if empty is not None:
+            out = out.masked_fill(empty[:, None, None, None], 0.0)
+        out = self.out_hook(out.transpose(1, 2).reshape(n, t, d))
+        return self.proj(out)

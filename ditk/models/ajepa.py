@@ -1,0 +1,16 @@
+"""Registry entry of A-JEPA (the model lives in `ditk.audio.ajepa`; this module makes `model.name: a-jepa` work)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from ..audio.ajepa import AJEPA, AJEPAConfig
+from ..registry import MODELS
+
+
+@MODELS.register("a-jepa", config=AJEPAConfig,
+                 help="A-JEPA (context encoder, EMA target encoder, predictor on log-mel patches; self-supervised)")
+def build_ajepa(cfg) -> AJEPA:
+    """A-JEPA (context encoder, EMA target encoder, predictor on log-mel patches; self-supervised)."""
+    fields = asdict(AJEPAConfig())
+    return AJEPA(AJEPAConfig(**{k: type(v)(getattr(cfg, k, v)) for k, v in fields.items()}))

@@ -1,0 +1,158 @@
+"""DiS: diffusion with a state-space (Mamba) backbone (Fei et al. 2024, "Scalable Diffusion Models with State
+Space Backbone"; feizc/DiS models_dis.py).
+
+Time, class label and noisy patches are all tokens: [label, time, patch_1 .. patch_T] + a learned position
+embedding, run through bidirectional Mamba blocks laid out as a U-ViT: depth//2 "in" blocks, a middle block
+and depth//2 "out" blocks, each out block first merging the output of its mirror in block through a long
+skip Linear(2D -> D). A final RMSNorm, then DiT's final layer (adaLN from time + label tokens), and the extra
+tokens are dropped.
+
+`model.blocks` holds the depth + 1 blocks in execution order (in, mid, out). Each block maps
+(hidden, residual[, skip]) -> (hidden, residual) (see `ditk.models.mamba.MambaBlock`); a forward hook on
+`blocks.i` sees that pair, and the model state after block i is residual + hidden. Each mixer has an
+`out_hook` hook point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+from ..registry import MODELS
+from .layers import FinalLayer, LabelEmbedder, PatchEmbed, WideTimestepEmbedder, unpatchify
+from .mamba import SCAN_BACKENDS, DropPath, Mamba, MambaBlock, rescale_prenorm_residual_
+
+# Named sizes of the official code (DiS_models): (depth argument, hidden size); blocks = depth + 1.
+DIS_SIZES = {
+    "S": (24, 368),
+    "B": (24, 768),
+    "M": (48, 768),
+    "L": (48, 1024),
+    "H": (48, 1536),
+}
+
+
+@dataclass
+class DiSConfig:
+    input_size: int = 32  # latent (or pixel) height = width
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 768
+    depth: int = 24  # the official depth argument (even): depth/2 in blocks + 1 middle + depth/2 out blocks
+    d_state: int = 16  # Mamba state size per channel
+    expand: int = 2  # d_inner = expand * hidden_size
+    d_conv: int = 4  # causal depthwise conv width
+    dt_rank: int = 0  # 0 = ceil(hidden_size / 16)
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1  # > 0 adds the null-label row used for classifier-free guidance
+    learn_sigma: bool = True
+    drop_path: float = 0.0  # stochastic depth, linear 0 -> drop_path over the blocks (official default 0.1)
+    skip: bool = True  # the long skip connections between mirrored in/out blocks
+    scan_backend: str = "auto"  # auto (mamba_ssm kernel on CUDA when installed) | torch | mamba_ssm
+
+
+def dis_size_config(size: str, patch_size: int = 2, **overrides) -> DiSConfig:
+    """DiSConfig for a named size, e.g. dis_size_config("H", 2) is DiS-H/2."""
+    if size not in DIS_SIZES:
+        raise ConfigError(f"unknown DiS size '{size}': choose one of {', '.join(DIS_SIZES)}")
+    depth, hidden_size = DIS_SIZES[size]
+    return DiSConfig(patch_size=patch_size, depth=depth, hidden_size=hidden_size, **overrides)
+
+
+class DiS(nn.Module):
+    """model(x (N, C, H, W), t (N,), y (N,) long) -> (N, out_channels, H, W)."""
+
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 768,
+                 depth: int = 24, d_state: int = 16, expand: int = 2, d_conv: int = 4, dt_rank: int = 0,
+                 num_classes: int = 1000, class_dropout_prob: float = 0.1, learn_sigma: bool = True,
+                 drop_path: float = 0.0, skip: bool = True, scan_backend: str = "auto"):
+        super().__init__()
+        if input_size % patch_size:
+            raise ConfigError(f"model.input_size {input_size} is not a multiple of model.patch_size {patch_size}")
+        if depth < 2 or depth % 2:
+            raise ConfigError(f"model.depth={depth}: DiS needs an even depth >= 2 "
+                              "(depth/2 in blocks, 1 middle, depth/2 out)")
+        if num_classes < 1:
+            raise ConfigError("model.num_classes must be >= 1: ditk's DiS is class-conditional (label token)")
+        if scan_backend not in SCAN_BACKENDS:
+            raise ConfigError(f"unknown model.scan_backend '{scan_backend}': use one of {', '.join(SCAN_BACKENDS)}")
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.input_size, self.patch_size, self.hidden_size = input_size, patch_size, hidden_size
+        self.learn_sigma, self.num_classes = learn_sigma, num_classes
+        self.extras = 2  # label token, time token
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        # Time token: a D-dim sinusoid through Linear(D, 4D) - SiLU - Linear(4D, D) (official `time_embed`).
+        self.t_embedder = WideTimestepEmbedder(hidden_size, hidden_size, 4 * hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Learned, zero-initialised position embedding over [label, time, patches] (official).
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + self.x_embedder.num_patches, hidden_size))
+
+        self.num_in = depth // 2
+        n_blocks = depth + 1
+        # official: linspace(0, drop_path, depth), shifted by one block
+        rates = [0.0] + [drop_path * i / (depth - 1) for i in range(depth)]
+
+        def mixer():
+            return Mamba(hidden_size, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank or None,
+                         bidirectional=True, scan_backend=scan_backend)
+
+        self.blocks = nn.ModuleList([
+            MambaBlock(hidden_size, mixer(), drop_path=rates[i], skip=skip and i > self.num_in)
+            for i in range(n_blocks)
+        ])
+        self.drop_path = DropPath(drop_path)
+        self.norm_f = nn.RMSNorm(hidden_size, eps=1e-5)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        # mamba_ssm's init over the whole model (as the official code applies it): zero Linear biases but dt_proj's,
+        # N(0, 0.02) label table, out_proj re-drawn and divided by sqrt(depth). Everything else keeps PyTorch's
+        # default init; the final layer is not zeroed (unlike DiT).
+        rescale_prenorm_residual_(self, n_layer=depth)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        return unpatchify(x, self.patch_size, self.out_channels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W); t (N,) model time; y (N,) labels, `num_classes` = null label."""
+        patches = self.x_embedder(x)  # (N, T, D)
+        time_token = self.t_embedder(t).to(patches.dtype)  # (N, D)
+        label_token = self.y_embedder(y).to(patches.dtype)  # (N, D)
+        hidden = torch.cat([label_token[:, None], time_token[:, None], patches], dim=1) + self.pos_embed
+        residual, skips = None, []
+        for i, block in enumerate(self.blocks):
+            if i < self.num_in:
+                hidden, residual = block(hidden, residual)
+                skips.append(hidden)  # the mixer output (not the residual sum) feeds the mirrored out block
+            elif i == self.num_in:
+                hidden, residual = block(hidden, residual)
+            else:
+                hidden, residual = block(hidden, residual, skip=skips.pop())
+        hidden = self.norm_f(residual + self.drop_path(hidden))
+        out = self.final_layer(hidden, time_token + label_token)  # (N, extras + T, p*p*out_channels)
+        return self.unpatchify(out[:, self.extras:])
+
+
+@MODELS.register("dis", config=DiSConfig, help="DiS (bidirectional-Mamba U-ViT diffusion backbone, Fei et al. 2024)")
+def build_dis(cfg) -> DiS:
+    """DiS (bidirectional-Mamba U-ViT diffusion backbone, Fei et al. 2024)."""
+    return DiS(
+        input_size=int(cfg.input_size),
+        patch_size=int(cfg.patch_size),
+        in_channels=int(cfg.in_channels),
+        hidden_size=int(cfg.hidden_size),
+        depth=int(cfg.depth),
+        d_state=int(cfg.d_state),
+        expand=int(cfg.expand),
+        d_conv=int(cfg.d_conv),
+        dt_rank=int(cfg.dt_rank),
+        num_classes=int(cfg.num_classes),
+        class_dropout_prob=float(cfg.class_dropout_prob),
+        learn_sigma=bool(cfg.learn_sigma),
+        drop_path=float(cfg.drop_path),
+        skip=bool(cfg.skip),
+        scan_backend=str(cfg.scan_backend),
+    )
