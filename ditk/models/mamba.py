@@ -8,7 +8,8 @@ with dt_t = softplus(dt_t + dt_bias). It is a first-order linear recurrence h_t 
 `linear_scan` solves chunk-parallel: all chunks of ~sqrt(L) tokens are scanned at once, the chunk boundary
 states are carried, and the chunks are finished at once, so O(sqrt(L)) vectorised steps instead of L (and,
 unlike a Hillis-Steele scan, O(L) work, which is what counts on a CPU). Its backward pass is the same
-recurrence run from the end, so it is a custom autograd function that keeps only a and h for backward.
+recurrence run from the end, so `linear_scan` and the selective scan are custom autograd functions that keep
+only the decays and the states for backward (about the memory of the sequential loop).
 
 On CUDA, when the optional `mamba_ssm` package is installed, `selective_scan` calls its fused kernel
 instead (`scan_backend="auto"`); it is never required. `Mamba` is the mixer layer: its parameter names and
