@@ -5,7 +5,8 @@
 
 Two models:
 - the digits DiT of a run (`--run`; without it, one is trained first into --work, `ditk train digits-dit`,
-  which takes minutes on a CPU), sampled with the run's own settings (digits-dit: DDPM 100 steps, CFG 2);
+  which takes minutes on an idle CPU and much longer on a shared one), sampled with the run's own settings
+  (digits-dit: DDPM 100 steps, CFG 2);
 - a DiT-S/2-sized model (33M parameters, 32x32x4 latents, 256 tokens) with random weights, sampled with
   50-step DDIM and CFG 1.5 (TaylorSeer's DiT protocol). adaLN-Zero would make every random block the identity,
   so its zero-initialised layers are re-drawn from N(0, 0.02).
