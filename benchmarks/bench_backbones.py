@@ -109,7 +109,7 @@ def conditioning(model, batch: int, text_tokens: int) -> dict:
             cond["context_mask"] = torch.ones(batch, text_tokens, dtype=torch.bool)
         return cond
     if required - {"y"}:
-        raise NotImplementedError(f"needs {sorted(required - {'y'})}: only class and caption conditioning are benchmarked")
+        raise ValueError(f"needs {sorted(required - {'y'})}: only class and caption conditioning are benchmarked")
     if "y" in params and getattr(model, "num_classes", 0):
         return {"y": torch.zeros(batch, dtype=torch.long)}
     return {}
