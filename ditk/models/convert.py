@@ -332,7 +332,7 @@ def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], so
             problem = f"the checkpoint lacks '{missing[0]}'" + _more(missing)
         else:
             problem = f"the checkpoint has unexpected '{unexpected[0]}'" + _more(unexpected)
-        raise ConfigError(f"{source}: {problem}; fix: {_suggest_fix(expected, sd)}")
+        raise ConfigError(f"{source}: {problem}; fix: {_suggest_fix(model, expected, sd)}")
     model.load_state_dict(sd, strict=True)
 
 
@@ -363,12 +363,59 @@ def dit_fields_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict:
     return fields
 
 
-def _suggest_fix(expected: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]) -> str:
+def _suggest_fix(model: nn.Module, expected: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]) -> str:
+    # A family whose state dict reveals its config differently (DiS, Diffusion-RWKV, Dimba, FluxMusic) says how
+    # with a `checkpoint_fields(sd) -> {config field: value}` method; DiT's rule is the default.
+    fields = getattr(model, "checkpoint_fields", None) or dit_fields_from_state_dict
     try:
-        want, have = dit_fields_from_state_dict(sd), dit_fields_from_state_dict(expected)
+        want, have = fields(sd), fields(expected)
     except (KeyError, IndexError):
         return "the checkpoint is not a DiT state dict; check the path and model.name"
-    diff = [f"model.{k}={v}" for k, v in want.items() if k in have and have[k] != v]
+    diff = [f"model.{k}={_yaml(v)}" for k, v in want.items() if k in have and have[k] != v]
     if not diff:
-        return "build the model with the checkpoint's config (same DiT size, patch size and channels)"
+        return "build the model with the checkpoint's config (same size, patch size and channels)"
     return "set " + ", ".join(diff) + " to match the checkpoint"
+
+
+def _yaml(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+#################################################################################
+#           Official checkpoints of the U-ViT families (DiS, Diffusion-RWKV)     #
+#################################################################################
+
+
+def is_official_uvit(sd: Mapping[str, torch.Tensor]) -> bool:
+    """True for a feizc/DiS or feizc/Diffusion-RWKV state dict (`in_blocks.i`, `mid_block`, `out_blocks.i`)."""
+    return any(k.startswith(("in_blocks.", "mid_block.", "out_blocks.")) for k in sd)
+
+
+def official_uvit_to_ditk(sd: Mapping[str, torch.Tensor], renames: tuple[tuple[str, str], ...]) -> StateDict:
+    """Keys of a feizc/DiS or feizc/Diffusion-RWKV state dict -> ditk's: the U-ViT stack, kept there as
+    `in_blocks.i`, `mid_block`, `out_blocks.i`, becomes one `blocks` list in forward order (in_blocks.i ->
+    blocks.i, mid_block -> blocks.n, out_blocks.i -> blocks.n+1+i, n = the checkpoint's number of in blocks), and
+    the top-level prefixes in `renames` (official, ditk) are replaced. The tensors are the same objects (both
+    codes build the same layers); a key matching no rule passes unchanged, so load_state_dict_checked names it."""
+    n_in = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"in_blocks\.(\d+)\.", k))), default=-1)
+    out: StateDict = {}
+    for key, value in sd.items():
+        if m := re.match(r"in_blocks\.(\d+)\.(.*)", key):
+            key = f"blocks.{int(m.group(1))}.{m.group(2)}"
+        elif key.startswith("mid_block."):
+            key = f"blocks.{n_in}.{key[len('mid_block.'):]}"
+        elif m := re.match(r"out_blocks\.(\d+)\.(.*)", key):
+            key = f"blocks.{n_in + 1 + int(m.group(1))}.{m.group(2)}"
+        else:
+            for old, new in renames:
+                if key.startswith(old):
+                    key = new + key[len(old):]
+                    break
+        out[key] = value
+    return out
+
+
+def count_blocks(sd: Mapping[str, torch.Tensor], suffix: str, prefix: str = "blocks") -> int:
+    """How many distinct `prefix.i.` indices carry a key ending in `suffix`."""
+    pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.{re.escape(suffix)}$")
+    return len({m.group(1) for k in sd if (m := pattern.match(k))})

@@ -31,7 +31,8 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..registry import MODELS
 from .layers import Attention, CrossAttention, Mlp, PatchEmbed, TimestepEmbedder, unpatchify
-from .mamba import SCAN_BACKENDS, DropPath, Mamba, MambaBlock, rescale_prenorm_residual_
+from .convert import count_blocks
+from .mamba import SCAN_BACKENDS, DropPath, Mamba, MambaBlock, mamba_fields, rescale_prenorm_residual_
 
 # Named sizes of the official code (Dimba_L_2, Dimba_G_2): (depth, hidden size, heads).
 DIMBA_SIZES = {
@@ -255,6 +256,37 @@ class Dimba(nn.Module):
             x, residual = block(x, residual, t0, y, context_mask)
         return self.unpatchify(self.final_layer(x, t_emb))
 
+    def convert_state_dict(self, sd: dict) -> dict:
+        """A feizc/Dimba state dict (`state_dict` of dimba-l-512.pt) -> ditk names; a ditk state dict passes
+        unchanged. `load_pretrained` calls it; see `convert_official_state_dict`."""
+        if "pos_embed" in sd or "y_embedder.y_embedding" in sd or any(k.startswith("mamba_blocks.") for k in sd):
+            return convert_official_state_dict(sd, self)
+        return dict(sd)
+
+    @staticmethod
+    def checkpoint_fields(sd: dict) -> dict:
+        """The DimbaConfig fields a ditk-layout Dimba state dict determines (for load errors that name the fix)."""
+        fields = {}
+        if (w := sd.get("x_embedder.proj.weight")) is not None:  # (D, C, p, p)
+            d, c, p = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+            fields.update(hidden_size=d, in_channels=c, patch_size=p)
+            if (lin := sd.get("final_layer.linear.weight")) is not None:
+                fields["learn_sigma"] = int(lin.shape[0]) == 2 * c * p * p
+            if (fc1 := sd.get("blocks.0.mlp.fc1.weight")) is not None:
+                fields["mlp_ratio"] = int(fc1.shape[0]) / d
+        if (cap := sd.get("y_embedder.y_proj.fc1.weight")) is not None:
+            fields["caption_channels"] = int(cap.shape[1])
+        depth = count_blocks(sd, "scale_shift_table")
+        if depth:
+            fields["depth"] = depth
+            # Mamba blocks already placed in layers, or still under their official name (an index beyond the model's)
+            n_mamba = count_blocks(sd, "mamba.norm.weight") + count_blocks(sd, "norm.weight", prefix="mamba_blocks")
+            fields["mamba_ratio"] = n_mamba / depth
+        placed = sorted(k for k in sd if re.fullmatch(r"blocks\.\d+\.mamba\.norm\.weight", k))
+        if placed:
+            fields.update(mamba_fields(sd, placed[0][: -len("norm.weight")] + "mixer."))
+        return fields
+
 
 def _linspace(end: float, n: int) -> list[float]:
     """torch.linspace(0, end, n) as floats, without allocating (works under a meta-device context)."""
@@ -262,15 +294,27 @@ def _linspace(end: float, n: int) -> list[float]:
 
 
 def convert_official_state_dict(state_dict: dict, model: Dimba) -> dict:
-    """feizc/Dimba checkpoint keys -> this model's: `mamba_blocks.j.*` becomes `blocks.<layer of Mamba j>.mamba.*`;
-    the fixed buffers (`pos_embed`, `y_embedder.y_embedding`) are dropped. Everything else has the same name."""
+    """feizc/Dimba checkpoint keys -> this model's.
+
+    - `mamba_blocks.j.*` becomes `blocks.<layer of Mamba j>.mamba.*`: the official forward runs mamba_blocks[i]
+      after layer i when gap = depth // mamba_depth is 1, else mamba_blocks[i // gap] after every layer with
+      i % gap == 1 (`mamba_positions` lists those layers). A Mamba index beyond the model's keeps its official
+      name, so the load names it as unexpected.
+    - the fixed buffers are dropped: `pos_embed` (the official forward recomputes the sin-cos table every call,
+      and its own inference script deletes it) and `y_embedder.y_embedding` (PixArt's fixed random null caption,
+      used only by training-time caption dropout; sampling uses the encoded empty prompt, as ditk's conditioner does).
+    Everything else has the same name, shape and layout in both codes (PixArt blocks: fused timm `attn.qkv`,
+    `cross_attn.q_linear` + fused `kv_linear` [k | v], adaLN-single `scale_shift_table` (6, D) with the same
+    chunk order; Vision Mamba "v2" mixers with A_log; RMSNorm weights)."""
     layers = [i for i, block in enumerate(model.blocks) if block.mamba is not None]
     out = {}
     for key, value in state_dict.items():
         if key in ("pos_embed", "y_embedder.y_embedding"):
             continue
         m = re.match(r"mamba_blocks\.(\d+)\.(.*)", key)
-        out[f"blocks.{layers[int(m.group(1))]}.mamba.{m.group(2)}" if m else key] = value
+        if m and int(m.group(1)) < len(layers):
+            key = f"blocks.{layers[int(m.group(1))]}.mamba.{m.group(2)}"
+        out[key] = value
     return out
 
 

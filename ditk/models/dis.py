@@ -15,6 +15,7 @@ tokens are dropped.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,8 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..registry import MODELS
 from .layers import FinalLayer, LabelEmbedder, PatchEmbed, WideTimestepEmbedder, unpatchify
-from .mamba import SCAN_BACKENDS, DropPath, Mamba, MambaBlock, rescale_prenorm_residual_
+from .convert import count_blocks, is_official_uvit, official_uvit_to_ditk
+from .mamba import SCAN_BACKENDS, DropPath, Mamba, MambaBlock, mamba_fields, rescale_prenorm_residual_
 
 # Named sizes of the official code (DiS_models): (depth argument, hidden size); blocks = depth + 1.
 DIS_SIZES = {
@@ -134,6 +136,55 @@ class DiS(nn.Module):
         hidden = self.norm_f(residual + self.drop_path(hidden))
         out = self.final_layer(hidden, time_token + label_token)  # (N, extras + T, p*p*out_channels)
         return self.unpatchify(out[:, self.extras:])
+
+    def convert_state_dict(self, sd: dict) -> dict:
+        """A feizc/DiS state dict -> ditk names (a ditk state dict passes unchanged); `load_pretrained` calls it.
+
+        Both codes build the same layers (the Mamba mixers are Vision Mamba's `bimamba_type="v2"` with the same
+        names and shapes, A stored as A_log = log(-A) in both, conv1d weights (d_inner, 1, d_conv), RMSNorm
+        without bias), so only the names of the containers differ:
+
+            patch_embed.proj             -> x_embedder.proj
+            time_embed.0 / time_embed.2  -> t_embedder.mlp.0 / t_embedder.mlp.2
+            label_emb.embedding_table    -> y_embedder.embedding_table
+            in_blocks.i, mid_block, out_blocks.i -> blocks.i, blocks.depth/2, blocks.depth/2+1+i
+            pos_embed, norm_f, final_layer.*     unchanged
+        """
+        if not is_official_uvit(sd):
+            return dict(sd)
+        if not any(k.startswith("label_emb.") for k in sd):
+            raise ConfigError("this is an unconditional feizc/DiS checkpoint (no label_emb, final layer without "
+                              "adaLN): ditk's DiS is class-conditional only, so it cannot load these weights")
+        return official_uvit_to_ditk(sd, DIS_OFFICIAL_RENAMES)
+
+    @staticmethod
+    def checkpoint_fields(sd: dict) -> dict:
+        """The DiSConfig fields a ditk-layout DiS state dict determines (for load errors that name the fix)."""
+        fields = {}
+        if (w := sd.get("x_embedder.proj.weight")) is not None:  # (D, C, p, p)
+            d, c, p = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+            fields.update(hidden_size=d, in_channels=c, patch_size=p)
+            if (pos := sd.get("pos_embed")) is not None:  # [label, time, patches]
+                fields["input_size"] = math.isqrt(max(int(pos.shape[1]) - 2, 0)) * p
+            if (lin := sd.get("final_layer.linear.weight")) is not None:
+                fields["learn_sigma"] = int(lin.shape[0]) == 2 * c * p * p
+        if (table := sd.get("y_embedder.embedding_table.weight")) is not None:
+            fields["num_classes"] = int(table.shape[0]) - 1  # with the null-label row
+        if (n_blocks := count_blocks(sd, "norm.weight")) > 0:
+            fields["depth"] = n_blocks - 1
+            fields["skip"] = count_blocks(sd, "skip_linear.weight") > 0
+        fields.update(mamba_fields(sd, "blocks.0.mixer."))
+        return fields
+
+
+# Top-level names of feizc/DiS models_dis.py (`DisModel`) -> ditk's; the block stack is handled by
+# `official_uvit_to_ditk`.
+DIS_OFFICIAL_RENAMES = (
+    ("patch_embed.", "x_embedder."),
+    ("time_embed.0.", "t_embedder.mlp.0."),
+    ("time_embed.2.", "t_embedder.mlp.2."),
+    ("label_emb.", "y_embedder."),
+)
 
 
 @MODELS.register("dis", config=DiSConfig, help="DiS (bidirectional-Mamba U-ViT diffusion backbone, Fei et al. 2024)")

@@ -179,7 +179,13 @@ class DiT(nn.Module):
 @MODELS.register("dit", config=DiTConfig, help="DiT (adaLN-Zero diffusion transformer, Peebles & Xie 2023)")
 def build_dit(cfg) -> DiT:
     """DiT (adaLN-Zero diffusion transformer, Peebles & Xie 2023)."""
-    return DiT(
+    return DiT(**dit_kwargs(cfg))
+
+
+def dit_kwargs(cfg) -> dict:
+    """DiT's constructor arguments from a DiTConfig-like section (a dataclass or a typed DictConfig), with plain
+    Python types; variants (DiT-MoE) add their own fields to it."""
+    return dict(
         input_size=int(cfg.input_size),
         patch_size=int(cfg.patch_size),
         in_channels=int(cfg.in_channels),

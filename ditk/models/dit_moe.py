@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..registry import MODELS
-from .dit import DiT, DiTBlock, DiTConfig
+from .dit import DiT, DiTBlock, DiTConfig, dit_kwargs
 from .layers import Attention, Mlp
 
 EXPERT_TYPES = ("swiglu", "gelu")
@@ -304,16 +304,7 @@ def dit_moe_size_config(size: str, num_experts: int = 8, patch_size: int = 2, **
 def build_dit_moe(cfg) -> DiTMoE:
     """DiT-MoE (DiT with shared + top-k routed experts, Fei et al. 2024)."""
     return DiTMoE(
-        input_size=int(cfg.input_size),
-        patch_size=int(cfg.patch_size),
-        in_channels=int(cfg.in_channels),
-        hidden_size=int(cfg.hidden_size),
-        depth=int(cfg.depth),
-        num_heads=int(cfg.num_heads),
-        mlp_ratio=float(cfg.mlp_ratio),
-        class_dropout_prob=float(cfg.class_dropout_prob),
-        num_classes=int(cfg.num_classes),
-        learn_sigma=bool(cfg.learn_sigma),
+        **dit_kwargs(cfg),
         num_experts=int(cfg.num_experts),
         top_k=int(cfg.top_k),
         num_shared_experts=int(cfg.num_shared_experts),

@@ -359,3 +359,18 @@ def rescale_prenorm_residual_(model: nn.Module, n_layer: int, names=("out_proj.w
                 nn.init.kaiming_uniform_(p, a=math.sqrt(5))
                 with torch.no_grad():
                     p /= math.sqrt(n_layer)
+
+
+def mamba_fields(sd, prefix: str) -> dict:
+    """Config fields (d_state, expand, d_conv, dt_rank) that the Mamba mixer under `prefix` (e.g.
+    "blocks.0.mixer.") reveals in a state dict; {} if it is not there. For load errors that name the fix."""
+    fields = {}
+    if (a_log := sd.get(prefix + "A_log")) is not None:  # (d_inner, d_state)
+        fields["d_state"] = int(a_log.shape[1])
+    if (w := sd.get(prefix + "in_proj.weight")) is not None and w.shape[1]:  # (2 d_inner, d_model)
+        fields["expand"] = int(w.shape[0]) // (2 * int(w.shape[1]))
+    if (conv := sd.get(prefix + "conv1d.weight")) is not None:  # (d_inner, 1, d_conv)
+        fields["d_conv"] = int(conv.shape[-1])
+    if (dt := sd.get(prefix + "dt_proj.weight")) is not None:  # (d_inner, dt_rank)
+        fields["dt_rank"] = int(dt.shape[1])
+    return fields

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..registry import MODELS
+from .convert import count_blocks
 from .layers import FinalLayer, HookPoint, timestep_embedding
 
 # Paper Table 1 = code `constants.build_model`: (double blocks, single blocks, width, RoPE axes_dim).
@@ -343,6 +344,11 @@ class FluxMusic(nn.Module):
         if c != self.in_channels or f % p or w % p:
             raise ConfigError(f"input is {c}x{f}x{w} but the model takes {self.in_channels} channels and sizes that are "
                               f"multiples of the patch size {p}")
+        for key, got, want in (("context_dim", context.shape[-1], self.txt_in.in_features),
+                               ("pooled_dim", pooled.shape[-1], self.vector_in.in_layer.in_features)):
+            if got != want:  # the conditioner's encoders decide these widths (T5-XXL 4096, CLAP 768, MiniLM 384)
+                raise ConfigError(f"the text conditioner gives {got}-d {key[:-4]} vectors but model.{key}={want}: "
+                                  f"set model.{key}={got}")
         img = self.img_in(self.patchify(x))
         vec = self.time_in(timestep_embedding(t, 256).to(img.dtype)) + self.vector_in(pooled.to(img.dtype))
         txt = self.txt_in(context.to(img.dtype))
@@ -359,10 +365,48 @@ class FluxMusic(nn.Module):
         img = self.final_layer(seq[:, txt.shape[1]:], vec)
         return self.unpatchify(img, f, w)
 
+    def convert_state_dict(self, sd: dict) -> dict:
+        """An official FluxMusic state dict (the `ema` dict of musicflow_*.pt) -> ditk names; a ditk state dict
+        passes unchanged. `load_pretrained` calls it; see `convert_fluxmusic_state_dict`. The split point is the
+        checkpoint's own number of double blocks, so a checkpoint of another size fails to load by name (with
+        the fix: model.depth_double/depth_single) instead of being mis-assigned."""
+        if not any(k.startswith(("double_blocks.", "single_blocks.")) for k in sd):
+            return dict(sd)
+        return convert_fluxmusic_state_dict(sd, depth_double=count_blocks(sd, "img_mod.lin.weight", "double_blocks"))
+
+    def checkpoint_fields(self, sd: dict) -> dict:
+        """The FluxMusicConfig fields a ditk-layout state dict determines (for load errors that name the fix).
+        in_channels is read from img_in's width at this model's patch size."""
+        fields = {"depth_double": count_blocks(sd, "img_mod.lin.weight"),
+                  "depth_single": count_blocks(sd, "linear1.weight")}
+        if (w := sd.get("img_in.weight")) is not None:  # (D, C p p)
+            fields.update(hidden_size=int(w.shape[0]), in_channels=int(w.shape[1]) // self.patch_size**2)
+            d = int(w.shape[0])
+            if (fc := sd.get("blocks.0.img_mlp.0.weight")) is not None:
+                fields["mlp_ratio"] = int(fc.shape[0]) / d
+            norm = sd.get("blocks.0.img_attn.norm.query_norm.scale")
+            if norm is not None and int(norm.shape[0]):
+                fields["num_heads"] = d // int(norm.shape[0])
+        if (txt := sd.get("txt_in.weight")) is not None:
+            fields["context_dim"] = int(txt.shape[1])
+        if (vec := sd.get("vector_in.in_layer.weight")) is not None:
+            fields["pooled_dim"] = int(vec.shape[1])
+        if fields["depth_double"]:
+            fields["qkv_bias"] = "blocks.0.img_attn.qkv.bias" in sd
+        if (lin := sd.get("final_layer.linear.weight")) is not None and "in_channels" in fields:
+            fields["learn_sigma"] = int(lin.shape[0]) == 2 * fields["in_channels"] * self.patch_size**2
+        return fields
+
 
 def convert_fluxmusic_state_dict(state_dict: dict, depth_double: int) -> dict:
     """An official FluxMusic checkpoint's `ema` dict (double_blocks.i.*, single_blocks.j.*) -> ditk names
-    (blocks.i.*, blocks.<depth_double + j>.*); every other key is already the same."""
+    (blocks.i.*, blocks.<depth_double + j>.*); every other key is already the same.
+
+    The layouts agree (feizc/FluxMusic model.py / modules/layers.py): fused `qkv` split as (K=3, H, D) in both,
+    QK-RMSNorm `scale`, Modulation `lin` chunks (shift, scale, gate[, shift, scale, gate]), single blocks'
+    `linear1` = [q | k | v | mlp_in], LastLayer(hidden, 1, 32) whose `linear` (32, D) is ditk's p*p*C = 2*2*8 with
+    the same (c, p_time, p_freq) order and (shift, scale) adaLN; img_in (D, 32). The guidance embedder is
+    commented out in the official model, so there is no `guidance_in` key."""
     out = {}
     for key, value in state_dict.items():
         if key.startswith("double_blocks."):

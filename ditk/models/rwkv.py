@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..registry import MODELS
+from .convert import count_blocks, is_official_uvit, official_uvit_to_ditk
 from .layers import (
     FinalLayer,
     HookPoint,
@@ -513,6 +514,50 @@ class DiffusionRWKV(nn.Module):
                 x = block(x, c, skip=skips.pop())  # in-block i pairs with out-block depth-1-i
         x = self.final_layer(self.norm_f(x), c)
         return self.unpatchify(x)
+
+    def convert_state_dict(self, sd: dict) -> dict:
+        """A feizc/Diffusion-RWKV state dict -> ditk names (a ditk state dict passes unchanged); `load_pretrained`
+        calls it. Inside a block every name and shape is the official one (att.key/value/receptance/output,
+        spatial_decay/first (C,), spatial_mix_* (1, 1, C), ffn.*, ln0/ln1/ln2, adaLN_modulation.1 with DiT's
+        chunk order, skip_linear), and w = spatial_decay / T, u = spatial_first / T are formed in forward by both
+        codes, so only the containers are renamed:
+
+            patch_embed.proj           -> x_embedder.proj
+            time_embed.mlp.{0,2}       -> t_embedder.mlp.{0,2}
+            label_emb.embedding_table  -> y_embedder.embedding_table   (absent in unconditional checkpoints)
+            in_blocks.i, mid_block, out_blocks.i -> blocks.i, blocks.depth//2, blocks.depth//2+1+i
+            pos_embed, norm_f, final_layer.*     unchanged
+        """
+        return official_uvit_to_ditk(sd, DRWKV_OFFICIAL_RENAMES) if is_official_uvit(sd) else dict(sd)
+
+    @staticmethod
+    def checkpoint_fields(sd: dict) -> dict:
+        """The DiffusionRWKVConfig fields a ditk-layout state dict determines (for load errors that name the fix)."""
+        fields = {}
+        if (w := sd.get("x_embedder.proj.weight")) is not None:  # (D, C, p, p)
+            d, c, p = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+            fields.update(hidden_size=d, in_channels=c, patch_size=p)
+            if (pos := sd.get("pos_embed")) is not None:
+                fields["input_size"] = math.isqrt(int(pos.shape[1])) * p
+            if (lin := sd.get("final_layer.linear.weight")) is not None:
+                fields["learn_sigma"] = int(lin.shape[0]) == 2 * c * p * p
+            if (key := sd.get("blocks.0.ffn.key.weight")) is not None:
+                fields["mlp_ratio"] = int(key.shape[0]) / d
+        if (depth := count_blocks(sd, "ln1.weight")) > 0:  # a Diffusion-RWKV state dict at all
+            fields["depth"] = depth
+            table = sd.get("y_embedder.embedding_table.weight")
+            fields["num_classes"] = int(table.shape[0]) - 1 if table is not None else 0  # with the null-label row
+            fields["skip"] = count_blocks(sd, "skip_linear.weight") > 0
+        return fields
+
+
+# Top-level names of feizc/Diffusion-RWKV models_drwkv.py (`DiffRWKVModel`) -> ditk's; the block stack is handled
+# by `official_uvit_to_ditk`.
+DRWKV_OFFICIAL_RENAMES = (
+    ("patch_embed.", "x_embedder."),
+    ("time_embed.", "t_embedder."),
+    ("label_emb.", "y_embedder."),
+)
 
 
 @MODELS.register("diffusion-rwkv", config=DiffusionRWKVConfig,
