@@ -83,9 +83,9 @@ def command(inputs, extractor, mode, weights_dir, out, save_stats, cache_dir, no
     extractor ships with ditk. Reference statistics are cached by (data set, resolution, mode, extractor).
 
     \b
-    --run RUN --num N samples N images (classes uniform; the preset's solver and guidance unless
-    --solver/--steps/--cfg-scale/--set override them; resumable) and compares them with the run's
-    training data set, or with REF if given.
+    --run RUN --num N samples N images (classes uniform, none for an unconditional run; the preset's
+    solver and guidance unless --solver/--steps/--cfg-scale/--set override them; resumable) and compares
+    them with the run's training data set, or with REF if given.
 
     \b
     --modality audio: GEN and REF are folders of audio files (wav, flac, ogg, ...) or statistics files; each

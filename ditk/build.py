@@ -22,7 +22,11 @@ def build_autoencoder(cfg: DictConfig):
     return AUTOENCODERS.build(cfg.autoencoder.name, section_obj(cfg.autoencoder))
 
 
-def build_conditioner(cfg: DictConfig, num_classes: int, class_names=None):
+def build_conditioner(cfg: DictConfig, num_classes: int, class_names=None, model=None):
+    # The model decides whether there are classes at all: one built with model.num_classes=0 has no label table,
+    # so the class conditioner gets 0 classes (unconditional: no `y`) whatever labels the data set carries.
+    if model is not None and cfg.conditioner.name == "class" and getattr(model, "num_classes", None) == 0:
+        num_classes, class_names = 0, None
     return CONDITIONERS.build(cfg.conditioner.name, section_obj(cfg.conditioner), num_classes, class_names)
 
 
@@ -48,10 +52,18 @@ def latent_shape(model) -> tuple:
 def check_model_data(model, data_shape: tuple, latent_channels: int, downsample: int, num_classes: int) -> None:
     """The model must accept what the dataset + autoencoder produce; say which key to change if not."""
     c, h, w = data_shape
-    want_c, want_size = latent_channels, h // downsample
+    want_c, want_size, want_w = latent_channels, h // downsample, w // downsample
     if model.in_channels != want_c:
         raise ConfigError(f"the data gives {want_c}-channel inputs but model.in_channels={model.in_channels}: set model.in_channels={want_c}")
     if model.input_size != want_size:
-        raise ConfigError(f"the data gives {want_size}x{want_size} inputs but model.input_size={model.input_size}: set model.input_size={want_size}")
+        raise ConfigError(f"the data gives {want_size}x{want_w} inputs but model.input_size={model.input_size}: set model.input_size={want_size}")
+    # The width too: the loop draws noise of the model's window shape (latent_shape), which for models with
+    # their own width (mel latents: FluxMusic's `frames`) need not be square.
+    model_w = latent_shape(model)[2]
+    if model_w != want_w:
+        fix = f"set model.frames={want_w}" if hasattr(model, "frames") else "use square data for this model"
+        raise ConfigError(f"the data gives {want_size}x{want_w} inputs but the model takes {want_size}x{model_w}: "
+                          f"{fix}")
     if getattr(model, "num_classes", 0) and model.num_classes != num_classes:  # text-conditioned models have none
-        raise ConfigError(f"the dataset has {num_classes} classes but model.num_classes={model.num_classes}: set model.num_classes={num_classes}")
+        fix = f"set model.num_classes={num_classes}" + (" (or 0 for an unconditional model)" if num_classes else "")
+        raise ConfigError(f"the dataset has {num_classes} classes but model.num_classes={model.num_classes}: {fix}")

@@ -3,6 +3,7 @@
 `class`: DiT's class label `y` (N,) long; label `num_classes` is the null ("no class") label that
 classifier-free guidance uses for the unconditional half and that training substitutes with probability p
 (DiT's LabelEmbedder.token_drop, here drawn from an explicit generator so runs are reproducible).
+With 0 classes (an unconditional model, `model.num_classes=0`) it is `Unconditional`: no condition at all.
 """
 
 from __future__ import annotations
@@ -80,9 +81,44 @@ class ClassConditioner:
         return out
 
 
+class Unconditional:
+    """The class conditioner of an unconditional model (0 classes): the model gets no keyword argument at all
+    (`cond` and `uncond` are empty), so there is nothing to drop in training and nothing to guide at sampling
+    (classifier-free guidance needs a conditional and an unconditional prediction; here both are the same)."""
+
+    unconditional = True
+    num_classes = 0
+    class_names = None
+
+    def cond(self, labels, device=None) -> dict:
+        return {}
+
+    def uncond(self, n: int, device=None) -> dict:
+        return {}
+
+    def drop(self, labels: torch.Tensor, generator: Optional[torch.Generator], p: float) -> torch.Tensor:
+        return labels  # no label to drop
+
+    def parse_labels(self, text: str) -> list[int]:
+        raise ConfigError(f"this model is unconditional (model.num_classes=0) and takes no class labels: "
+                          f"drop --class-labels '{text}' (sample.class_labels)")
+
+    def check_sample_settings(self, sc) -> None:
+        """Refuse sampling settings that need a condition: guidance, class labels other than the default, a prompt."""
+        if str(getattr(sc, "prompt", "") or ""):
+            raise ConfigError("this model is unconditional (model.num_classes=0) and takes no prompt: drop --prompt")
+        if float(sc.cfg_scale) != 1.0:
+            raise ConfigError(f"cfg_scale={float(sc.cfg_scale):g} needs a class-conditional model, but this one is "
+                              "unconditional (model.num_classes=0): use --cfg-scale 1 (sample.cfg_scale=1)")
+        if str(sc.class_labels) != "uniform":
+            self.parse_labels(str(sc.class_labels))
+
+
 @CONDITIONERS.register("class", config=ClassConditionerConfig)
-def build_class_conditioner(cfg, num_classes: int, class_names: Optional[Sequence[str]] = None) -> ClassConditioner:
-    """Class label `y`, null label = num_classes (DiT)."""
+def build_class_conditioner(cfg, num_classes: int, class_names: Optional[Sequence[str]] = None):
+    """Class label `y`, null label = num_classes (DiT); 0 classes: unconditional (no `y`)."""
+    if num_classes == 0:
+        return Unconditional()
     return ClassConditioner(num_classes, class_names)
 
 
@@ -95,6 +131,12 @@ class TextConditionerConfig:
     max_length: int = 32  # captions are padded/truncated to this many tokens, so shapes never vary
     normalize_pooled: bool = True  # all-MiniLM-L6-v2 L2-normalises its sentence embedding
     caption_template: str = "a handwritten {name}"  # class label -> caption, for labelled datasets
+    # Optional second encoder for `pooled` (FluxMusic: CLAP, laion/larger_clap_music): a local folder of a CLAP
+    # text model (a full ClapModel folder works) or its id in the local Hugging Face cache. Empty: `pooled` is
+    # the masked mean of encoder_path's token states.
+    pooled_encoder_path: str = ""
+    pooled_output: str = "pooler"  # pooler (ClapTextModel.pooler_output: FluxMusic's, 768-d) | projection (text_embeds)
+    pooled_max_length: int = 256  # FluxMusic pads CLAP's input to 256 tokens and passes no attention mask
 
 
 def _minilm_path() -> str:
@@ -108,7 +150,8 @@ def _minilm_path() -> str:
 
 class TextConditioner(ClassConditioner):
     """Captions -> frozen text-encoder features: `context` (N, L, D) token states, `context_mask` (N, L)
-    and `pooled` (N, D). Labelled datasets get captions from their class names through a template
+    and `pooled` (N, D), the latter from a second encoder (CLAP) when `pooled_encoder_path` is set, as in
+    FluxMusic. Labelled datasets get captions from their class names through a template
     ("a handwritten seven"); `ditk sample --prompt` encodes free text. The empty caption is the null
     condition for classifier-free guidance. Encodings are cached per caption (datasets have few)."""
 
@@ -126,7 +169,37 @@ class TextConditioner(ClassConditioner):
                               "set conditioner.encoder_path to a local transformers model folder") from None
         self.cfg = cfg
         self.dim = self.encoder.config.hidden_size if hasattr(self.encoder.config, "hidden_size") else self.encoder.config.d_model
+        self.pooled_encoder = self.pooled_tokenizer = None
+        self.pooled_dim = self.dim
+        if getattr(cfg, "pooled_encoder_path", ""):
+            self._load_pooled_encoder(cfg)
         self._cache: dict[str, tuple] = {}
+
+    def _load_pooled_encoder(self, cfg) -> None:
+        """The CLAP text model that gives `pooled` (FluxMusic's `HFEmbedder("laion/...")`)."""
+        from transformers import AutoTokenizer, ClapTextModelWithProjection
+
+        if cfg.pooled_output not in ("pooler", "projection"):
+            raise ConfigError(f"unknown conditioner.pooled_output '{cfg.pooled_output}': use pooler or projection")
+        path = cfg.pooled_encoder_path
+        try:
+            self.pooled_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            clap = ClapTextModelWithProjection.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"cannot load the CLAP text model from '{path}' ({why}): set "
+                              "conditioner.pooled_encoder_path to a local folder of laion/larger_clap_music") from None
+        self.pooled_encoder = clap.eval().requires_grad_(False)
+        self.pooled_dim = clap.config.projection_dim if cfg.pooled_output == "projection" else clap.config.hidden_size
+
+    def _pooled_clap(self, text: str) -> torch.Tensor:
+        """FluxMusic's CLAP vector: the caption padded to pooled_max_length, no attention mask (the padding is
+        attended, as the official model was trained), `pooler_output` (or its projection, CLAP's `text_embeds`)."""
+        tok = self.pooled_tokenizer([text], padding="max_length", truncation=True,
+                                    max_length=self.cfg.pooled_max_length, return_tensors="pt")
+        ids = tok["input_ids"]  # an all-ones mask is what the model assumes without one (and it says so otherwise)
+        out = self.pooled_encoder.text_model(input_ids=ids, attention_mask=torch.ones_like(ids)).pooler_output
+        return self.pooled_encoder.text_projection(out) if self.cfg.pooled_output == "projection" else out
 
     def caption(self, label: int) -> str:
         name = self.class_names[label] if self.class_names else str(label)
@@ -139,8 +212,10 @@ class TextConditioner(ClassConditioner):
                                  return_tensors="pt")
             states = self.encoder(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
             mask = tok["attention_mask"].bool()
-            # Masked mean over real tokens: sentence-transformers' pooling for all-MiniLM-L6-v2.
-            pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+            if self.pooled_encoder is not None:
+                pooled = self._pooled_clap(text)
+            else:  # masked mean over real tokens: sentence-transformers' pooling for all-MiniLM-L6-v2
+                pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
             if self.cfg.normalize_pooled:
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
             self._cache[text] = (states[0], mask[0], pooled[0])

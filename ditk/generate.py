@@ -71,6 +71,8 @@ def load_pipeline(source: str, preset: Optional[str] = None, overrides: Sequence
     dev = pick_device(device)
     model = build_model(cfg)
     objective = build_objective(cfg)
+    if not objective.solvers:  # e.g. A-JEPA, an encoder: say so before anything else is built or drawn
+        raise ConfigError(getattr(objective, "why_no_solvers", f"objective '{objective.name}' has nothing to sample"))
     check_model_objective(model, objective, cfg)
     if state_dict is not None:
         model.load_state_dict(state_dict)
@@ -81,7 +83,9 @@ def load_pipeline(source: str, preset: Optional[str] = None, overrides: Sequence
     model.to(dev).eval().requires_grad_(False)
     autoencoder = build_autoencoder(cfg).to(dev)
     num_classes = len(class_names) if class_names else model.num_classes
-    conditioner = build_conditioner(cfg, num_classes, class_names)
+    conditioner = build_conditioner(cfg, num_classes, class_names, model=model)
+    if getattr(conditioner, "unconditional", False):  # model.num_classes=0: no guidance, no class labels
+        conditioner.check_sample_settings(cfg.sample)
     return Pipeline(cfg, model, objective, autoencoder, conditioner, dev, label, run_dir=run_dir)
 
 
@@ -124,6 +128,8 @@ def sample_images(pipe: Pipeline, indices: Sequence[int], progress: bool = False
         if not hasattr(pipe.conditioner, "encode_prompts"):
             raise ConfigError(f"--prompt needs a text-conditioned model; this one uses the '{pipe.cfg.conditioner.name}' conditioner: use --class-labels")
         cond = pipe.conditioner.encode_prompts([sc.prompt] * len(indices), pipe.device)
+    elif getattr(pipe.conditioner, "unconditional", False):  # model.num_classes=0: no labels to draw
+        cond = {}
     else:
         labels = class_labels(sc.class_labels, indices, pipe.conditioner.num_classes, sc.seed, pipe.conditioner)
         cond = pipe.conditioner.cond(labels.to(pipe.device))
@@ -170,8 +176,6 @@ def generate_to_dir(pipe: Pipeline, out_dir: Path, progress: bool = True, compar
         return generate_audio_to_dir(pipe, out_dir, progress=progress, duration=duration)
     if duration is not None:
         raise ConfigError("--duration is for audio models; this run makes images: drop --duration")
-    from tqdm import tqdm
-
     from .cache import pipeline as cache_layer
     from .io import save_grid, save_npz, save_pngs
 
@@ -179,22 +183,16 @@ def generate_to_dir(pipe: Pipeline, out_dir: Path, progress: bool = True, compar
     policy = cache_layer.policy_for(pipe)  # before the settings check: it may record calibrated coefficients
     cache_layer.reset_counts(policy)
     images_dir = out_dir / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_settings(out_dir, pipe)
-    todo = [i for i in range(sc.num) if not (images_dir / f"{i:06d}.png").is_file()]
-    if len(todo) < sc.num:
-        print(f"[ditk] resuming: {sc.num - len(todo)} of {sc.num} images already in {images_dir}", file=sys.stderr)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="sample", unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    for b in range(0, len(todo), sc.batch_size):
-        chunk = todo[b:b + sc.batch_size]
+    if hasattr(pipe.model, "reset_sampling_report"):  # a model that reports on its own sampling work (DyDiT's FLOPs)
+        pipe.model.reset_sampling_report()
+
+    def write_images(chunk):
         for i, image in zip(chunk, sample_images(pipe, chunk)):
             save_pngs(image[None], images_dir, start_index=i)
-        bar.update(len(chunk))
-    bar.close()
-    seconds = time.perf_counter() - start
+
+    unconditional = getattr(pipe.conditioner, "unconditional", False)
+    todo, seconds = fill_folder(pipe, out_dir, images_dir, ".png", write_images, progress=progress, noun="images",
+                                extra_settings={"conditioning": "unconditional"} if unconditional else None)
 
     from PIL import Image
 
@@ -213,15 +211,48 @@ def generate_to_dir(pipe: Pipeline, out_dir: Path, progress: bool = True, compar
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # whole process, Linux KiB
         "cache": policy.report(), "compile": cache_layer.compile_report(sc.compile),
     }
+    if unconditional:  # say so: the sample section's class_labels was not used
+        report["conditioning"] = "unconditional"
+        report["settings"]["class_labels"] = None
+    if hasattr(pipe.model, "sampling_report"):  # e.g. DyDiT: FLOPs spent per sampler step, total, dense fraction
+        report["model"] = pipe.model.sampling_report()
     if compare_to_full:
         report["comparison"] = cache_layer.compare_to_full(pipe, out_dir)
     save_json(out_dir / "report.json", report)
     return report
 
 
-def _check_same_settings(out_dir: Path, pipe: Pipeline) -> None:
-    """Images already in out_dir are reused only if they were made with the same source and settings."""
-    settings = {"source": pipe.source, **_plain(pipe.cfg.sample)}
+def fill_folder(pipe: Pipeline, out_dir: Path, folder: Path, suffix: str, write_batch, progress: bool = True,
+                noun: str = "images", extra_settings: Optional[dict] = None) -> tuple[list[int], float]:
+    """The resumable loop of `ditk sample`, for images and audio clips alike: refuse an out_dir made with other
+    settings (settings.json), then call write_batch(indices) for the indices 0..num-1 whose folder/NNNNNN<suffix>
+    is missing, sample.batch_size at a time (write_batch writes that file last, so it marks the index as done).
+    Returns (the indices generated now, their wall-clock seconds)."""
+    from tqdm import tqdm
+
+    sc = pipe.cfg.sample
+    folder.mkdir(parents=True, exist_ok=True)
+    _check_same_settings(out_dir, pipe, extra_settings, noun)
+    todo = [i for i in range(sc.num) if not (folder / f"{i:06d}{suffix}").is_file()]
+    if len(todo) < sc.num:
+        print(f"[ditk] resuming: {sc.num - len(todo)} of {sc.num} {noun} already in {folder}", file=sys.stderr)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    unit = {"images": "img", "clips": "clip"}.get(noun, noun)
+    bar = tqdm(total=len(todo), desc="sample", unit=unit, file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    for b in range(0, len(todo), sc.batch_size):
+        chunk = todo[b:b + sc.batch_size]
+        write_batch(chunk)
+        bar.update(len(chunk))
+    bar.close()
+    return todo, time.perf_counter() - start
+
+
+def _check_same_settings(out_dir: Path, pipe: Pipeline, extra: Optional[dict] = None, noun: str = "images") -> None:
+    """Images (clips) already in out_dir are reused only if they were made with the same source and settings
+    (`extra`: settings that are not in the sample section, e.g. an audio clip's duration)."""
+    settings = {"source": pipe.source, **(extra or {}), **_plain(pipe.cfg.sample)}
     for key in ("num", "batch_size", "grid_scale"):  # these do not change image i
         settings.pop(key)
     path = out_dir / "settings.json"
@@ -229,7 +260,7 @@ def _check_same_settings(out_dir: Path, pipe: Pipeline) -> None:
         old = json.loads(path.read_text())
         if old != json.loads(json.dumps(settings)):
             changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise ConfigError(f"{out_dir} holds images made with other settings ({', '.join(changed)} differ): pass another --out")
+            raise ConfigError(f"{out_dir} holds {noun} made with other settings ({', '.join(changed)} differ): pass another --out")
     else:
         save_json(path, settings)
 
@@ -240,12 +271,25 @@ def _plain(section) -> dict:
     return OmegaConf.to_container(section, resolve=True)
 
 
+def prompt_tag(prompt: str, max_chars: int = 40) -> str:
+    """A short, filesystem-safe tag of a prompt for folder names: its lower-case ASCII words joined by '-' (at
+    most `max_chars` characters) and 6 hex digits of its SHA-1, so prompts that differ only in case, punctuation
+    or beyond the cut still get different folders. "a handwritten three" -> "a-handwritten-three-237a6d"."""
+    import hashlib
+    import re
+
+    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:max_chars].strip("-")
+    digest = hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:6]
+    return f"{words}-{digest}" if words else f"prompt-{digest}"
+
+
 def default_out_dir(pipe: Pipeline, source: str, duration: Optional[float] = None) -> Path:
     sc = pipe.cfg.sample
     tag = f"{sc.solver}{sc.steps}-cfg{sc.cfg_scale:g}-seed{sc.seed}"
     tag += f"-{duration:g}s" if duration else ""
     tag += f"-{sc.cache}" if sc.cache != "none" else ""
     tag += f"-ts{sc.time_shift_window}" if sc.time_shift_window else ""
+    tag += f"-{prompt_tag(sc.prompt)}" if sc.prompt else ""
     path = Path(source)
     if (path / "config.yaml").is_file() or (path / "state.pt").is_file():
         run_dir, ckpt = resolve_checkpoint(path)

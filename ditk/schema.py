@@ -40,6 +40,7 @@ class TrainConfig:
     num_workers: int = 4
     precompute_latents: bool = False  # encode the dataset once with the autoencoder (fast-DiT)
     allow_tf32: bool = True
+    init_from: str = ""  # start a fresh run from these weights: a ditk run/checkpoint (EMA), .pt, .safetensors, diffusers folder
 
 
 @dataclass

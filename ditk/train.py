@@ -127,10 +127,22 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
     check_model_data(model, tuple(dataset.shape), encoder.latent_channels(dataset.shape[0]),
                      encoder.downsample, dataset.num_classes)
     class_names = list(getattr(dataset, "class_names", None) or [])
-    conditioner = build_conditioner(cfg, dataset.num_classes, class_names or None)
+    conditioner = build_conditioner(cfg, dataset.num_classes, class_names or None, model=model)
+    if getattr(conditioner, "unconditional", False):  # model.num_classes=0: labels unused, nothing to drop
+        class_names = []
+        if objective.solvers:  # refuse guidance settings now rather than at the first sample grid
+            conditioner.check_sample_settings(cfg.sample)
     if accelerator.is_main_process and class_names:
         save_json(run.path / "classes.json", class_names)  # lets `ditk sample --class-labels seven` work
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if tc.init_from and run.latest_checkpoint() is None:  # a fresh run starts there; a resumed one from its checkpoint
+        from .models.convert import load_initial_weights
+
+        load_initial_weights(model, tc.init_from)
+        log(f"initial weights from {tc.init_from}")
+    # An objective whose model keeps its own average (A-JEPA's target encoder) sets `uses_ema = False`: no EMA
+    # copy is kept or updated, and the checkpoint's ema.safetensors holds the model's weights.
+    uses_ema = getattr(objective, "uses_ema", True)
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if uses_ema else model
 
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -144,7 +156,8 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
     if ckpt is not None:
         state = load_state(ckpt)
         model.load_state_dict(load_weights(ckpt, "model"))
-        ema.load_state_dict(load_weights(ckpt, "ema"))
+        if uses_ema:
+            ema.load_state_dict(load_weights(ckpt, "ema"))
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -191,10 +204,13 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
         if hasattr(objective, "begin_step"):  # objectives with a schedule over training (A-JEPA's mask curriculum)
             objective.begin_step(raw_model, step, tc.max_steps)
         t_all = objective.sample_time(tc.global_batch_size, gen)
-        noise_all = torch.randn((tc.global_batch_size, *input_shape), generator=gen)
+        # An objective that uses no noise (A-JEPA: `uses_noise = False`) draws none; it draws its own t first.
+        noise_all = torch.randn((tc.global_batch_size, *input_shape), generator=gen) \
+            if getattr(objective, "uses_noise", True) else None
         drop_all = torch.rand(tc.global_batch_size, generator=gen) < drop_p
         mine = slice(rank, None, world)  # the same positions the sampler gave this process
-        t, noise, drop = t_all[mine].to(device), noise_all[mine].to(device), drop_all[mine]
+        t, drop = t_all[mine].to(device), drop_all[mine]
+        noise = noise_all[mine].to(device) if noise_all is not None else None
         with torch.no_grad():
             x0 = encoder.encode(images.to(device), generator=gen)
         labels = labels.to(device)
@@ -205,7 +221,7 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
             part = slice(i * micro, (i + 1) * micro)
             sync = i == tc.grad_accum_steps - 1
             with nullcontext() if sync else accelerator.no_sync(model):
-                losses = objective.training_losses(model, x0[part], t[part], noise[part],
+                losses = objective.training_losses(model, x0[part], t[part], None if noise is None else noise[part],
                                                    {k: v[part] for k, v in cond.items()})
                 loss = losses["loss"].mean()
                 aux = auxiliary_loss(raw_model)
@@ -218,7 +234,8 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
-        update_ema(ema, raw_model, decay)
+        if uses_ema:
+            update_ema(ema, raw_model, decay)
         if hasattr(objective, "end_step"):  # e.g. A-JEPA's momentum update of its target encoder
             objective.end_step(raw_model, step, tc.max_steps)
         step += 1
@@ -267,7 +284,12 @@ def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None) -> Dic
     if run.config.is_file():
         if resume is False:
             raise ConfigError(f"run directory {run_path} already exists: resume it (drop --no-resume), or set run.name=<new name>")
-        saved = OmegaConf.to_container(OmegaConf.load(run.config))
+        from .config import load_run_config
+
+        try:  # a key added to a schema since the run was made reads as its default, i.e. what the run was made with
+            saved = OmegaConf.to_container(load_run_config(run_path))
+        except ConfigError:
+            saved = OmegaConf.to_container(OmegaConf.load(run.config))
         new = OmegaConf.to_container(cfg)
         for section in new:
             for key in set(new[section]) | set(saved.get(section, {})):

@@ -432,3 +432,27 @@ def test_cli_teacache_calibration_is_stored_and_reused(trained_run, tmp_path, ca
                                   np.load(tmp_path / "b" / "samples.npz")["arr_0"])
     code, _, stderr = ditk(capsys, "sample", run_dir, "--num", "1", "--cache", "fora", "--calibrate", "--out", tmp_path / "c")
     assert code == 2 and "teacache" in stderr
+
+
+def test_threshold_zero_never_skips_even_an_unchanged_input():
+    """FBC reused block 0's residual when it changed by <= threshold, so threshold 0 still skipped when an
+    evaluation repeated the previous one exactly (e.g. a model at its adaLN-Zero init under a flow solver), and
+    x + (out - x) is out only up to rounding: a "nothing skipped" run was then not bit-identical."""
+    model = random_dit(depth=3)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    t, y = torch.full((2,), 10.0), torch.tensor([1, 2])
+    with torch.no_grad():
+        full = model(x, t, y)
+        for name in ("fbc", "teacache"):
+            policy = build_policy(name, {"threshold": 0.0})
+            with policy.session(model, 3):
+                outs = [model(x, t, y) for _ in range(3)]
+            assert all(torch.equal(out, full) for out in outs)
+            assert policy.report()["full_evaluations"] == 3
+
+
+def test_policies_are_abstract():
+    from ditk.cache.base import CachePolicy
+
+    with pytest.raises(TypeError, match="abstract"):
+        CachePolicy()

@@ -85,13 +85,18 @@ def linear(prefix, n_out, n_in, bias=True):
 
 def dis_official(depth, d, p, c=4, num_classes=1000, input_size=32, n=16, skip=True):
     """feizc/DiS DisModel(patch_size=p, embed_dim=d, depth=depth, channels=c, num_classes, learn_sigma=True):
-    rms_norm (weight only), bimamba v2; blocks: depth//2 `in_blocks`, `mid_block`, depth//2 `out_blocks`."""
+    rms_norm (weight only), bimamba v2; blocks: depth//2 `in_blocks`, `mid_block`, depth//2 `out_blocks`.
+    num_classes <= 0 (the official default -1): unconditional, no label_emb, extras 1, FinalLayer(condition=False)."""
     s = {"patch_embed.proj.weight": (d, c, p, p), "patch_embed.proj.bias": (d,),
          **linear("time_embed.0.", 4 * d, d), **linear("time_embed.2.", d, 4 * d),
          "label_emb.embedding_table.weight": (num_classes + 1, d),  # + the CFG null row (dropout 0.1)
          "pos_embed": (1, 2 + (input_size // p) ** 2, d),  # [label, time, patches]
          "norm_f.weight": (d,),
          **linear("final_layer.linear.", p * p * 2 * c, d), **linear("final_layer.adaLN_modulation.1.", 2 * d, d)}
+    if num_classes <= 0:
+        del s["label_emb.embedding_table.weight"]
+        del s["final_layer.adaLN_modulation.1.weight"], s["final_layer.adaLN_modulation.1.bias"]
+        s["pos_embed"] = (1, 1 + (input_size // p) ** 2, d)  # [time, patches]
     names = [f"in_blocks.{i}." for i in range(depth // 2)] + ["mid_block."]
     names += [f"out_blocks.{i}." for i in range(depth // 2)]
     for name in names:
@@ -473,13 +478,13 @@ def flux_reference(sd, img, img_ids, txt, txt_ids, t, vec_in, depth, depth_singl
 #################################################################################
 
 
-def small_dis():
-    return DiS(input_size=8, patch_size=2, in_channels=3, hidden_size=16, depth=4, d_state=4, num_classes=5,
+def small_dis(num_classes=5):
+    return DiS(input_size=8, patch_size=2, in_channels=3, hidden_size=16, depth=4, d_state=4, num_classes=num_classes,
                scan_backend="torch")
 
 
-def small_dis_official():
-    return dis_official(4, 16, 2, c=3, num_classes=5, input_size=8, n=4)
+def small_dis_official(num_classes=5):
+    return dis_official(4, 16, 2, c=3, num_classes=num_classes, input_size=8, n=4)
 
 
 def small_drwkv(num_classes=5):
@@ -511,6 +516,8 @@ def small_flux_official():
 
 FAMILIES = {  # name: (ditk model, official shapes, official buffers dropped by the conversion, save key)
     "dis": (small_dis, small_dis_official, (), "ema"),
+    # official DiS with num_classes=-1 (its default): no label_emb, no adaLN in the final layer (ditk: 0)
+    "dis-uncond": (lambda: small_dis(0), lambda: small_dis_official(-1), (), "ema"),
     "diffusion-rwkv": (small_drwkv, small_drwkv_official, (), "ema"),
     # the released M-2-uncond-32.pt is unconditional: no label_emb (ditk: model.num_classes=0)
     "diffusion-rwkv-uncond": (lambda: small_drwkv(0), lambda: small_drwkv_official(0), (), "ema"),
@@ -722,10 +729,9 @@ def test_unknown_or_missing_keys_are_named(tmp_path):
     assert "lacks 'blocks.3.linear2.bias'" in load_error(small_flux(), sd, tmp_path)
 
 
-def test_unconditional_dis_checkpoint_is_refused(tmp_path):
-    sd = random_state_dict(small_dis_official(), seed=14)
-    del sd["label_emb.embedding_table.weight"]
-    assert "unconditional" in load_error(small_dis(), sd, tmp_path)
+def test_unconditional_dis_checkpoint_into_a_class_model_names_the_fix(tmp_path):
+    sd = random_state_dict(small_dis_official(num_classes=-1), seed=14)
+    assert "set model.num_classes=0 " in load_error(small_dis(), sd, tmp_path)
 
 
 #################################################################################

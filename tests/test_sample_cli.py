@@ -91,3 +91,24 @@ def test_latent_space_with_a_local_autoencoder_kl(tmp_path):
     assert (tmp_path / "latent" / "latents.safetensors").is_file()
     arr = _sample(tmp_path / "latent", tmp_path / "s", "--num", "2")
     assert arr.shape == (2, 16, 16, 1)
+
+
+def test_default_folder_names_the_prompt(trained_run):
+    """A prompted sample gets its own default folder (`evaluate-fid --run` and later samples would otherwise meet
+    the unprompted images there): a filesystem-safe tag of the prompt plus a hash of it."""
+    import hashlib
+    import re
+
+    from ditk.generate import default_out_dir, load_pipeline
+
+    prompts = [None, "a handwritten three", "A handwritten three!", "a handwritten seven", "../../x y/z"]
+    dirs = {}
+    for prompt in prompts:
+        overrides = [] if prompt is None else [f"sample.prompt={json.dumps(prompt)}"]
+        dirs[prompt] = default_out_dir(load_pipeline(str(trained_run), overrides=overrides, device="cpu"), str(trained_run))
+    assert len(set(dirs.values())) == len(prompts)  # case and punctuation count too
+    assert all(d.parent == trained_run / "generated" for d in dirs.values())
+    digest = hashlib.sha1(b"a handwritten three").hexdigest()[:6]
+    assert dirs["a handwritten three"].name == f"{dirs[None].name}-a-handwritten-three-{digest}"
+    assert re.fullmatch(r"[a-z0-9.-]+", dirs["../../x y/z"].name) and dirs["../../x y/z"].name.endswith(
+        "-x-y-z-" + hashlib.sha1(b"../../x y/z").hexdigest()[:6])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -56,8 +55,11 @@ def window_of(model) -> tuple:
 
 @torch.no_grad()
 def sample_spectrograms(pipe, indices: Sequence[int], frames: Optional[int] = None, overlap: float = 0.5,
-                        progress: bool = False) -> torch.Tensor:
-    """Normalised log-mel spectrograms (N, n_mels, frames) for the given clip indices (default: one window)."""
+                        progress: bool = False, cache=None) -> torch.Tensor:
+    """Normalised log-mel spectrograms (N, n_mels, frames) for the given clip indices (default: one window).
+    cache: a ditk.cache policy (default: the pipeline's, from sample.cache); on a long canvas it caches every
+    window of every CFG branch on its own (see ditk.audio.long)."""
+    from ..cache.pipeline import compiled_units, policy_for
     from ..generate import class_labels, image_generators
     from ..sampling import sample
 
@@ -79,9 +81,11 @@ def sample_spectrograms(pipe, indices: Sequence[int], frames: Optional[int] = No
     uncond = pipe.conditioner.uncond(len(indices), pipe.device) if sc.cfg_scale != 1.0 else None
     stride = max(patch, int(round(window * (1 - overlap) / patch)) * patch)
     model = MultiDiffusion(pipe.model, window, stride) if width > window else pipe.model
-    latents = sample(model, pipe.objective, noise, cond, uncond, solver=sc.solver, steps=sc.steps,
-                     cfg_scale=sc.cfg_scale, cfg_channels=sc.cfg_channels, generator=gens, progress=progress,
-                     solver_options=dict(sc.solver_options))
+    policy = cache if cache is not None else policy_for(pipe)
+    with compiled_units(model, policy, sc.compile):
+        latents = sample(model, pipe.objective, noise, cond, uncond, solver=sc.solver, steps=sc.steps,
+                         cfg_scale=sc.cfg_scale, cfg_channels=sc.cfg_channels, generator=gens, progress=progress,
+                         solver_options=dict(sc.solver_options), cache=policy)
     mel = pipe.autoencoder.decode(latents).float().cpu()[:, 0]  # (N, n_mels, frames)
     return mel[..., :want]
 
@@ -112,16 +116,18 @@ def write_training_spectrograms(pipe, path: Path) -> None:
 
 def generate_audio_to_dir(pipe, out_dir: Path, progress: bool = True, duration: Optional[float] = None) -> dict:
     """Write clips 0..sample.num-1 of `duration` seconds (default: the training window) into out_dir."""
+    import resource
+
     from PIL import Image
-    from tqdm import tqdm
 
     from ..atomic import atomic_path
-    from ..generate import _plain
+    from ..cache import pipeline as cache_layer
+    from ..generate import _plain, fill_folder
     from ..runs import save_json
 
     sc = pipe.cfg.sample
-    if str(getattr(sc, "cache", "none")) != "none":
-        raise ConfigError("feature caching (--cache) is not available for audio sampling yet: drop --cache")
+    policy = cache_layer.policy_for(pipe)
+    cache_layer.reset_counts(policy)
     io = AudioOutput(pipe)
     window_frames = window_of(pipe.model)[2] * io.downsample
     if duration is not None and duration <= 0:
@@ -130,28 +136,11 @@ def generate_audio_to_dir(pipe, out_dir: Path, progress: bool = True, duration: 
     seconds = duration or io.front.seconds(window_frames - 1)
     samples = int(round(seconds * io.front.sample_rate))
     audio_dir, spec_dir = out_dir / "audio", out_dir / "spectrograms"
-    audio_dir.mkdir(parents=True, exist_ok=True)
     spec_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"source": pipe.source, "duration": seconds, **_plain(sc)}
-    for key in ("num", "batch_size", "grid_scale"):
-        settings.pop(key)
-    settings_path = out_dir / "settings.json"
-    if settings_path.is_file():
-        old = json.loads(settings_path.read_text())
-        if old != json.loads(json.dumps(settings)):
-            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise ConfigError(f"{out_dir} holds clips made with other settings ({', '.join(changed)} differ): pass another --out")
-    else:
-        save_json(settings_path, settings)
-
-    todo = [i for i in range(sc.num) if not (audio_dir / f"{i:06d}.wav").is_file()]
-    if len(todo) < sc.num:
-        print(f"[ditk] resuming: {sc.num - len(todo)} of {sc.num} clips already in {audio_dir}", file=sys.stderr)
-    start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="sample", unit="clip", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     vocoder_seconds = 0.0
-    for b in range(0, len(todo), sc.batch_size):
-        chunk = todo[b:b + sc.batch_size]
+
+    def write_clips(chunk):
+        nonlocal vocoder_seconds
         specs = sample_spectrograms(pipe, chunk, frames=frames)
         for i, spec in zip(chunk, specs):
             t0 = time.perf_counter()
@@ -160,9 +149,9 @@ def generate_audio_to_dir(pipe, out_dir: Path, progress: bool = True, duration: 
             np.save(spec_dir / f"{i:06d}.npy", spec.numpy().astype(np.float32))
             save_spectrogram_png(spec, spec_dir / f"{i:06d}.png", scale=pipe.cfg.sample.grid_scale)
             write_wav(audio_dir / f"{i:06d}.wav", wave, io.front.sample_rate)  # last: marks clip i as done
-        bar.update(len(chunk))
-    bar.close()
-    elapsed = time.perf_counter() - start
+
+    todo, elapsed = fill_folder(pipe, out_dir, audio_dir, ".wav", write_clips, progress=progress, noun="clips",
+                                extra_settings={"duration": seconds})
 
     specs = [torch.from_numpy(np.load(spec_dir / f"{i:06d}.npy")) for i in range(sc.num)]
     with atomic_path(out_dir / "spectrograms.npy") as tmp:
@@ -172,11 +161,17 @@ def generate_audio_to_dir(pipe, out_dir: Path, progress: bool = True, duration: 
         Image.fromarray(stack_rgb(specs[:16], scale=pipe.cfg.sample.grid_scale)).save(tmp, format="PNG")
     report = {
         "source": pipe.source, "num": sc.num, "generated_now": len(todo), "seconds": round(elapsed, 3),
+        "clips_per_sec": round(len(todo) / elapsed, 3) if todo else None,
+        "seconds_per_clip": round(elapsed / len(todo), 5) if todo else None,
         "clip_seconds": round(seconds, 3), "sample_rate": io.front.sample_rate, "frames": frames,
         "windows": "multidiffusion" if frames > window_frames else "single",
         "vocoder": getattr(io.vocoder, "name", type(io.vocoder).__name__),
         "vocoder_seconds": round(vocoder_seconds, 3), "device": str(pipe.device),
+        "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # whole process, Linux KiB
         "settings": json.loads(json.dumps(_plain(sc))),
+        # NFE per block, per trajectory = one window of one clip's conditional or unconditional pass
+        "cache": policy.report(), "compile": cache_layer.compile_report(sc.compile),
     }
     save_json(out_dir / "report.json", report)
     return report

@@ -15,7 +15,10 @@ with a known exact model). `hann` (default) weights each window by sin^2(pi (j +
 window out towards its edges: the fused update is continuous and the finished clip has no seams.
 
 `MultiDiffusion` wraps a ditk model with the same call signature, so `ditk.sampling.sample` (every solver, CFG)
-runs unchanged on the wide canvas.
+runs unchanged on the wide canvas. Feature caching (`ditk.cache`) reaches the wrapped model's blocks through
+`cache_denoiser`: each call of the model within one evaluation (a group of at most `max_batch` windows, the same
+group at every step) keeps its own cache state, and every row of it is one window of one sample's conditional or
+unconditional pass, so a window's cache never serves another window or the other CFG branch.
 """
 
 from __future__ import annotations
@@ -62,6 +65,11 @@ class MultiDiffusion(nn.Module):
         self.weights = window_weights(self.window, weighting)
         for name in ("in_channels", "out_channels", "input_size", "learn_sigma", "num_classes"):
             setattr(self, name, getattr(model, name))
+
+    @property
+    def cache_denoiser(self) -> nn.Module:
+        """The module whose blocks a cache policy patches (see ditk.cache.base.Session)."""
+        return self.model
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         n, width = x.shape[0], x.shape[-1]

@@ -5,7 +5,9 @@ it replaces the `forward` of some modules of `model.blocks` (whole blocks, or th
 sub-modules) by a function that either runs the original forward or returns a cached / predicted value;
 leaving the session restores every forward. The session keys everything on the index of the model
 evaluation within the call (0, 1, ..., num_evals - 1): for one-call-per-step solvers that is the step
-index; Heun's second evaluation of a step is an evaluation of its own.
+index; Heun's second evaluation of a step is an evaluation of its own. A wrapper that calls the model several
+times per evaluation (long audio clips: groups of windows) gives each of those calls its own state (see
+`Session`).
 
 Classifier-free guidance: the sampler evaluates [cond; uncond] as one doubled batch. Every DiT operation
 (attention, LayerNorm, the adaLN MLPs) acts on each batch row separately, so a cache that holds the doubled
@@ -23,6 +25,7 @@ conditional, or unconditional, pass).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 from typing import Any, Callable, Iterator, Optional
@@ -63,17 +66,36 @@ class CacheStats:
 
 
 class Session:
-    """State of one sampling call: the evaluation index, the batch rows, and the policy's own state."""
+    """State of one sampling call: the evaluation index, the batch rows, and the policy's own state.
+
+    A model evaluation normally calls the denoiser once. A wrapper that evaluates it in several parts per
+    evaluation (ditk.audio.long.MultiDiffusion: groups of windows) names the wrapped model as its
+    `cache_denoiser`; every call of the denoiser within an evaluation is then a *part* with its own rows and its
+    own policy state (part k of every evaluation is the same rows: the same windows of the same samples), so
+    each window of each CFG branch is cached on its own."""
 
     def __init__(self, policy: "CachePolicy", model: nn.Module, num_evals: int):
         self.policy = policy
-        self.model = model
+        self.wrapper = model  # what the sampler calls once per evaluation
+        self.model = denoiser_of(model)  # what owns the blocks (the same module unless a wrapper splits evaluations)
         self.num_evals = int(num_evals)
         self.step = -1  # index of the model evaluation in progress
-        self.rows = None  # batch rows of this call (fixed for the whole call)
-        self.state: dict[str, Any] = {}  # the policy's per-call state
-        self._cached_rows = None  # rows with at least one cached unit in the current evaluation
-        self._patched: list[tuple[nn.Module, bool, Any]] = []
+        self.part = -1  # index of the denoiser call within the evaluation
+        self.parts: list[dict] = []  # per part: {"rows": int, "state": the policy's state for these rows}
+        self._cached_rows = None  # rows with at least one cached unit in the current part
+        self._patched: list[tuple[Any, str, bool, Any]] = []
+
+    @property
+    def state(self) -> dict:
+        return self.parts[self.part]["state"]
+
+    @property
+    def rows(self) -> int:
+        return self.parts[self.part]["rows"]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(p["rows"] for p in self.parts)
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
 
@@ -90,15 +112,23 @@ class Session:
         else:
             stats.add(unit, self.rows, 0)
 
-    def _begin(self, module, args, kwargs):
-        x = args[0] if args else next(iter(kwargs.values()))
-        if self.rows is None:
-            self.rows = int(x.shape[0])
-        elif int(x.shape[0]) != self.rows:
-            raise ValueError(f"the batch changed from {self.rows} to {x.shape[0]} rows within one sampling call")
+    def _next_eval(self, module, args, kwargs):
         self.step += 1
+        self.part = -1
         if self.step >= self.num_evals:
             raise ValueError(f"the sampler evaluated the model more than the {self.num_evals} times it announced")
+
+    def _begin(self, module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        rows = int(x.shape[0])
+        self.part += 1
+        if self.part == len(self.parts):
+            if self.step > 0:
+                raise ValueError(f"evaluation {self.step} called the denoiser more often than evaluation 0")
+            self.parts.append({"rows": rows, "state": {}})
+            self.parts[-1]["state"] = self.policy.init_state(self)
+        elif rows != self.rows:
+            raise ValueError(f"the batch changed from {self.rows} to {rows} rows within one sampling call")
         self._cached_rows = None
         self.policy.begin_eval(self)
 
@@ -113,23 +143,24 @@ class Session:
 
     # -- patching --------------------------------------------------------------------------------------------
 
-    def patch(self, module: nn.Module, forward: Forward) -> None:
-        """Make `forward` the module's forward until the session ends (an instance attribute shadows the
-        class method; whatever instance-level forward was there, e.g. a compiled one, comes back after)."""
-        had = "forward" in module.__dict__
-        self._patched.append((module, had, module.__dict__.get("forward")))
-        module.forward = forward
+    def patch(self, module: nn.Module, forward: Forward, attr: str = "forward") -> None:
+        """Make `forward` the module's `attr` (its forward, or a method the adapter names) until the session
+        ends (an instance attribute shadows the class method; whatever instance-level function was there, e.g.
+        a compiled forward, comes back after)."""
+        had = attr in module.__dict__
+        self._patched.append((module, attr, had, module.__dict__.get(attr)))
+        setattr(module, attr, forward)
 
     def _unpatch(self) -> None:
-        for module, had, previous in reversed(self._patched):
+        for module, attr, had, previous in reversed(self._patched):
             if had:
-                module.forward = previous
+                setattr(module, attr, previous)
             else:
-                del module.forward
+                delattr(module, attr)
         self._patched.clear()
 
 
-class CachePolicy:
+class CachePolicy(abc.ABC):
     """Base class: a named, configured policy; `session()` applies it to one sampling call."""
 
     name = ""
@@ -140,19 +171,23 @@ class CachePolicy:
 
     # -- what a policy implements ----------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def units(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The modules whose forward the policy replaces (named like `model.named_modules()`)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def install(self, session: Session, units: list[tuple[str, nn.Module]]) -> None:
         """Patch the units' forwards for this session (`session.patch`)."""
-        raise NotImplementedError
+
+    def init_state(self, session: Session) -> dict:
+        """The policy's fresh state for one part (the rows of one denoiser call) of a sampling call."""
+        return {}
 
     def begin_eval(self, session: Session) -> None:
-        """Called before every model evaluation (session.step is already its index)."""
+        """Called before every denoiser call (session.step is the evaluation's index, session.state the part's)."""
 
     def end_eval(self, session: Session, output) -> None:
-        """Called after every model evaluation with the model's output."""
+        """Called after every denoiser call with its output."""
 
     def validate(self, model: nn.Module, num_evals: int) -> None:
         """Raise ConfigError when the options cannot work for this model / number of evaluations."""
@@ -169,24 +204,23 @@ class CachePolicy:
     @contextlib.contextmanager
     def session(self, model: nn.Module, num_evals: int) -> Iterator[Session]:
         """Apply the policy to the model evaluations of one sampling call (fresh state, restored on exit)."""
-        units = self.units(model)
+        denoiser = denoiser_of(model)
+        units = self.units(denoiser)
         if not units:
             raise ConfigError(
-                f"cache policy '{self.name}' hooked nothing in {type(model).__name__}: it needs the model's "
+                f"cache policy '{self.name}' hooked nothing in {type(denoiser).__name__}: it needs the model's "
                 f"`blocks` (and attention/MLP sub-modules); use --cache none for this model"
             )
-        self.validate(model, num_evals)
+        self.validate(denoiser, num_evals)
         session = Session(self, model, num_evals)
-        handles = [
-            model.register_forward_pre_hook(session._begin, with_kwargs=True),
-            model.register_forward_hook(session._end, with_kwargs=True),
-        ]
+        handles = [model.register_forward_pre_hook(session._next_eval, with_kwargs=True),  # first: step += 1
+                   denoiser.register_forward_pre_hook(session._begin, with_kwargs=True),
+                   denoiser.register_forward_hook(session._end, with_kwargs=True)]
         try:
             self.install(session, units)
             self.stats.calls += 1
             yield session
-            if session.rows is not None:
-                self.stats.rows += session.rows
+            self.stats.rows += session.total_rows
         finally:
             session._unpatch()
             for handle in handles:
@@ -202,10 +236,10 @@ class NoCache(CachePolicy):
         return [(f"blocks.{i}", block) for i, block in enumerate(model_blocks(model))] or [("model", model)]
 
     def install(self, session, units):
-        session.state["units"] = [name for name, _ in units]
+        session.names = [name for name, _ in units]
 
     def begin_eval(self, session):
-        for name in session.state["units"]:
+        for name in session.names:
             session.mark(name, False)
 
     def settings(self):
@@ -215,34 +249,33 @@ class NoCache(CachePolicy):
 # -- helpers shared by the policies ---------------------------------------------------------------------------
 
 
+def denoiser_of(model: nn.Module) -> nn.Module:
+    """The module that owns the blocks: a wrapper's `cache_denoiser` (see Session), else the model itself."""
+    inner = getattr(model, "cache_denoiser", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def model_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's ordered blocks, or [] when it has no `blocks` ModuleList."""
-    found = getattr(model, "blocks", None)
+    found = getattr(denoiser_of(model), "blocks", None)
     return list(found) if isinstance(found, nn.ModuleList) else []
 
 
-def rows_of(value, mask: torch.Tensor, n: int):
-    """Select the masked rows of every tensor argument whose first dimension is the batch (n rows)."""
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
-        return value[mask]
-    return value
+def masked_forward(io, forward: Forward, st: dict, args: tuple, kwargs: dict):
+    """Run a block only on the rows in st["mask"]; the other rows pass their input state through unchanged.
 
-
-def masked_forward(forward: Forward, mask: Optional[torch.Tensor], all_rows: bool, no_rows: bool, x: torch.Tensor,
-                   args: tuple, kwargs: dict) -> torch.Tensor:
-    """Run a block only on the rows in `mask`; the other rows pass through unchanged.
-
-    all_rows / no_rows are mask.all() / not mask.any(), computed once per evaluation by the policy (they
-    need a device sync)."""
-    if all_rows:
-        return forward(x, *args, **kwargs)
-    if no_rows:
-        return x
-    n = x.shape[0]
-    out = x.clone()
-    out[mask] = forward(x[mask], *(rows_of(a, mask, n) for a in args),
-                        **{k: rows_of(v, mask, n) for k, v in kwargs.items()})
-    return out
+    io: the block's `adapters.BlockIO` (how its arguments and output carry the model state). st["all"] /
+    st["none"] are mask.all() / not mask.any(), computed once per evaluation by the policy (a device sync)."""
+    if st["all"]:
+        return forward(*args, **kwargs)
+    if st["none"]:
+        return io.write(io.read_in(args, kwargs), args, kwargs)
+    mask = st["mask"]
+    sub_args, sub_kwargs = io.select(args, kwargs, mask)
+    computed = io.read_out(forward(*sub_args, **sub_kwargs), sub_args, sub_kwargs)
+    state = io.read_in(args, kwargs).clone()
+    state[mask] = computed
+    return io.write(state, args, kwargs)
 
 
 def relative_l1(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
@@ -251,12 +284,3 @@ def relative_l1(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     num = (now - before).abs().float().mean(dim=dims)
     den = before.abs().float().mean(dim=dims)
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float32).tiny), torch.full_like(num, float("inf")))
-
-
-def check_block_output(out, x: torch.Tensor, policy: str, unit: str) -> None:
-    """Block-level policies add and subtract block outputs: they need a block that maps a tensor to a tensor
-    of the same shape (DiT, RWKV); Mamba-style blocks return (hidden, residual) pairs."""
-    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-        got = type(out).__name__ if not isinstance(out, torch.Tensor) else f"shape {tuple(out.shape)}"
-        raise ConfigError(f"cache policy '{policy}' replaces whole blocks, but {unit} returns {got} for an input of "
-                          f"shape {tuple(x.shape)}: use --cache fora or --cache taylorseer for this model")

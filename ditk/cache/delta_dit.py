@@ -8,6 +8,13 @@ evaluations (i < switch, the paper's b) cache the rear `blocks` blocks and the l
 
 The authors published no code; the defaults are ditk's: N = 2, 3/4 of the blocks, b = half of the
 evaluations, which removes 3/8 of the block compute (the paper's "1.6x on 20-step PixArt-alpha" scale).
+
+Inputs, outputs and deltas are block states (`adapters`: one tensor for DiT, [hidden | residual] for Mamba
+blocks, the joint [text; music] sequence for FluxMusic). In a U-ViT layout (Diffusion-RWKV, DiS) an in-block
+of a cached front range can feed an out-block behind the range through a long skip; such a block returns its
+own stored delta on the range's current input (input + its output - range input at the last full evaluation),
+as the range's last block does, since its output is read outside the range (passing the range input on would
+hand the out-block the wrong skip tensor).
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from typing import Optional
 
 from ..errors import ConfigError
 from ..registry import CACHE_POLICIES
-from .base import CachePolicy, check_block_output, model_blocks
+from .adapters import BlockIO, long_skips
+from .base import CachePolicy, model_blocks
 
 
 @dataclass
@@ -49,36 +57,51 @@ class DeltaDiT(CachePolicy):
         if k is not None and not 1 <= k <= depth:
             raise ConfigError(f"delta-dit blocks={k} must be between 1 and the model's depth {depth}")
 
+    def init_state(self, session):
+        return {"inputs": {}, "deltas": {}, "now": None}
+
     def install(self, session, units):
         k, b, front, rear = self._ranges(len(units), session.num_evals)
-        session.state.update(switch=b, front=front, rear=rear, inputs={}, deltas={})
+        skips = long_skips(session.model)
+        # Blocks of a range whose output a block outside the range reads through a long skip (U-ViT in-blocks
+        # of a front range): when the range is cached they return their own delta, not the range's input.
+        escaping = {key: {s for c, s in skips.items() if s in rng and c not in rng}
+                    for key, rng in (("front", front), ("rear", rear))}
+        session.plan = {"switch": b, "front": front, "rear": rear, "escaping": escaping}
         for j, (name, block) in enumerate(units):
-            session.patch(block, self._forward(session, j, name, block.forward))
+            session.patch(block, self._forward(session, j, name, BlockIO(block), block.forward))
 
-    def _forward(self, session, j, name, original):
-        st = session.state
+    def _forward(self, session, j, name, io, original):
+        plan = session.plan
         interval = self.cfg.interval
 
-        def forward(x, *args, **kwargs):
-            i = session.step
-            if i % interval == 0:  # full: run the block, record both ranges' inputs and deltas
+        def forward(*args, **kwargs):
+            i, st = session.step, session.state
+            if i % interval == 0:  # full: run the block, record both ranges' input states and deltas
                 for key in ("front", "rear"):
-                    if j == st[key].start:
-                        st["inputs"][key] = x
-                out = original(x, *args, **kwargs)
-                check_block_output(out, x, self.name, name)
+                    if j == plan[key].start:
+                        st["inputs"][key] = io.read_in(args, kwargs)
+                out = original(*args, **kwargs)
                 for key in ("front", "rear"):
-                    if j == st[key].stop - 1:
-                        st["deltas"][key] = out - st["inputs"][key]
+                    rng = plan[key]
+                    if j in rng and (j == rng.stop - 1 or j in plan["escaping"][key]):
+                        st["deltas"][key, j] = io.read_out(out, args, kwargs) - st["inputs"][key]
+                if i == 0:
+                    io.read_out(out, args, kwargs)  # refuses, once, a block whose output it cannot add up
                 session.mark(name, False)
                 return out
-            key = "rear" if i < st["switch"] else "front"
-            if j not in st[key]:
+            key = "rear" if i < plan["switch"] else "front"
+            rng = plan[key]
+            if j not in rng:
                 session.mark(name, False)
-                return original(x, *args, **kwargs)
+                return original(*args, **kwargs)
             session.mark(name, True)
-            # Blocks inside the range pass their input on, so the last one sees the range's input.
-            return x + st["deltas"][key] if j == st[key].stop - 1 else x
+            if j == rng.start:
+                st["now"] = io.read_in(args, kwargs)  # the range's input state at this evaluation
+            # The range's last block (and an escaping source) stand in with input + stored delta; the others
+            # pass the range's input state on.
+            delta = st["deltas"].get((key, j))
+            return io.write(st["now"] if delta is None else st["now"] + delta, args, kwargs)
 
         return forward
 

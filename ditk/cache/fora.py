@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..registry import CACHE_POLICIES
-from .adapters import sub_module_units
+from .adapters import patch_target, sub_module_units
 from .base import CachePolicy
 
 
@@ -35,15 +35,19 @@ class FORA(CachePolicy):
     def units(self, model):
         return sub_module_units(model)
 
-    def install(self, session, units):
-        cache = session.state.setdefault("outputs", {})
-        for name, module in units:
-            session.patch(module, self._forward(session, name, module.forward, cache))
+    def init_state(self, session):
+        return {"outputs": {}}
 
-    def _forward(self, session, name, original, cache):
+    def install(self, session, units):
+        for name, module in units:
+            owner, attr = patch_target(module)
+            session.patch(owner, self._forward(session, name, module.forward), attr)
+
+    def _forward(self, session, name, original):
         interval = self.cfg.interval
 
         def forward(*args, **kwargs):
+            cache = session.state["outputs"]
             if session.step % interval == 0:
                 out = cache[name] = original(*args, **kwargs)
                 session.mark(name, False)

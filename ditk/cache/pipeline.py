@@ -16,7 +16,8 @@ import torch
 
 from ..errors import ConfigError
 from . import build_policy
-from .base import CacheStats, NoCache
+from .adapters import patch_target
+from .base import CacheStats, NoCache, denoiser_of
 
 TEACACHE_FILE = "teacache.json"  # in the run directory, written by --calibrate
 
@@ -103,20 +104,21 @@ def compiled_units(model, policy, enabled: bool):
     if not enabled:
         yield
         return
-    units = [module for _, module in policy.units(model)]
+    units = [patch_target(unit) for _, unit in policy.units(denoiser_of(model))]
     touched = []
     try:
-        for module in units:
-            if "forward" in module.__dict__:
+        for owner, attr in units:
+            if attr in owner.__dict__:
                 continue
-            if "_ditk_compiled" not in module.__dict__:  # compiled once per module, kept for later calls
-                module._ditk_compiled = _Compiled(module.forward, compile_backend())
-            module.forward = module._ditk_compiled
-            touched.append(module)
+            key = "_ditk_compiled" if attr == "forward" else f"_ditk_compiled_{attr}"
+            if key not in owner.__dict__:  # compiled once per module, kept for later calls
+                setattr(owner, key, _Compiled(getattr(owner, attr), compile_backend()))
+            setattr(owner, attr, owner.__dict__[key])
+            touched.append((owner, attr))
         yield
     finally:
-        for module in touched:
-            del module.forward
+        for owner, attr in touched:
+            delattr(owner, attr)
 
 
 def compile_report(enabled: bool) -> dict:
@@ -134,7 +136,7 @@ def calibrate_teacache(pipe, degree: int = 4) -> Path:
     full compute, pair each step's relative change of the modulated input with the relative change of the
     model output (per row), fit np.polyfit(degree), store it as <run>/teacache.json and use it from now on."""
     from ..atomic import write_text
-    from ..generate import sample_images
+    from ..generate import modality, sample_images
     from .residual import TeaCache, TeaCacheConfig
 
     sc = pipe.cfg.sample
@@ -146,7 +148,12 @@ def calibrate_teacache(pipe, degree: int = 4) -> Path:
     recorder = TeaCache(TeaCacheConfig(), record=True)
     indices = list(range(min(sc.num, sc.batch_size)))
     start = time.perf_counter()
-    sample_images(pipe, indices, cache=recorder)
+    if modality(pipe.cfg) == "audio":  # clips of one training window
+        from ..audio.generate import sample_spectrograms
+
+        sample_spectrograms(pipe, indices, cache=recorder)
+    else:
+        sample_images(pipe, indices, cache=recorder)
     coefficients = recorder.fit(degree)
     x = np.concatenate([p[0] for p in recorder.pairs])
     path = Path(pipe.run_dir) / TEACACHE_FILE

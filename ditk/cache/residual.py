@@ -3,9 +3,10 @@ signal says the input has barely changed.
 
 FirstBlockCache (ParaAttention / diffusers `FirstBlockCacheConfig`): run block 0; compare its residual
 (output - input) with the residual it had at the last evaluation that ran the remaining blocks; if the
-relative L1 change, mean|r - r_prev| / mean|r_prev|, is at most `threshold`, skip blocks 1..L-1 and add their
+relative L1 change, mean|r - r_prev| / mean|r_prev|, is below `threshold`, skip blocks 1..L-1 and add their
 cached residual (last block's output - block 0's output at that evaluation) instead. diffusers' default
-threshold is 0.05.
+threshold is 0.05; diffusers also reuses at a change exactly equal to the threshold, ditk does not, so that
+threshold 0 never skips (reusing a residual is exact only up to rounding, even for an unchanged input).
 
 TeaCache (Liu et al. 2025, "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model";
 ali-vilab/TeaCache): the signal is the timestep-modulated input of block 0 (for DiT the input its attention
@@ -19,7 +20,11 @@ ditk clamps the rescaled value at 0: a fitted polynomial can dip below zero outs
 distance would let the accumulator run backwards.
 
 Both decide per batch row (each image's conditional and unconditional pass separately, see `base`), and
-only the rows that must be recomputed go through the skipped blocks.
+only the rows that must be recomputed go through the skipped blocks. "Output", "input" and "residual" are block
+*states* (`adapters`): one tensor for DiT-like blocks, [hidden | residual] for Mamba blocks, the joint
+[text; music] sequence for FluxMusic's double- and single-stream blocks alike, so a skipped span is the identity
+on the state even where the model reshapes its streams between blocks. FirstBlockCache's signal for Mamba
+blocks is the model state hidden + residual.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import CACHE_POLICIES
-from .adapters import modulated_input
-from .base import CachePolicy, check_block_output, masked_forward, model_blocks, relative_l1
+from .adapters import BlockIO, modulated_input
+from .base import CachePolicy, masked_forward, model_blocks, relative_l1
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -41,43 +46,60 @@ def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class ResidualCache(CachePolicy):
-    """Shared skeleton: the head decides a per-row compute mask; the tail substitutes the cached residual."""
+    """Shared skeleton: the head decides a per-row compute mask; the span from `span_start` to the last block
+    then runs on the rows in the mask only, and the last block adds the cached residual (last output state -
+    span input state, see `adapters` for block states) to the rows outside it."""
 
-    head_computes_all = True  # FirstBlockCache always runs block 0; TeaCache skips it too
+    span_start = 1  # FirstBlockCache always runs block 0; TeaCache's span is the whole stack
 
     def units(self, model):
         return [(f"blocks.{i}", block) for i, block in enumerate(model_blocks(model))]
 
+    def init_state(self, session):
+        return {"resid": None}
+
     def install(self, session, units):
-        session.state.update(resid=None)
         last = len(units) - 1
         for j, (name, block) in enumerate(units):
-            session.patch(block, self._forward(session, j, last, name, block, block.forward))
+            session.patch(block, self._forward(session, j, last, name, BlockIO(block), block.forward))
 
     def _set_mask(self, st: dict, mask: torch.Tensor) -> None:
         st["mask"] = mask
         st["all"] = bool(mask.all())  # one device sync per evaluation
         st["none"] = not st["all"] and not bool(mask.any())
 
-    def _forward(self, session, j, last, name, block, original):
-        st = session.state
-
-        def forward(x, *args, **kwargs):
+    def _forward(self, session, j, last, name, io, original):
+        def forward(*args, **kwargs):
+            st = session.state
             if j == 0:
-                x = self.head(session, block, original, x, args, kwargs)
-                if self.head_computes_all:  # block 0 already ran (never the last block): x is its output
+                out = self.head(session, io, original, args, kwargs)
+                if self.span_start == 1:  # block 0 ran on every row (it is never the last block)
                     session.mark(name, False)
-                    return x
-            base = st["base"] if j == last else None
-            out = masked_forward(original, st["mask"], st["all"], st["none"], x, args, kwargs)
-            check_block_output(out, x, self.name, name)
+                    return out
+            if j == self.span_start:
+                st["base"] = io.read_in(args, kwargs)  # the span's input state (for the computed rows)
+            if j != last:
+                session.mark(name, False if st["all"] else ~st["mask"])
+                if session.step == 0:  # every row runs; refuse, once, a block whose states it cannot add up
+                    out = original(*args, **kwargs)
+                    io.read_out(out, args, kwargs)
+                    return out
+                return masked_forward(io, original, st, args, kwargs)
+            # The last block: computed rows give their output state, skipped rows (whose state passed through
+            # the span unchanged) add the cached residual; the residual of the computed rows is refreshed.
+            if st["all"]:
+                out = original(*args, **kwargs)
+                state = io.read_out(out, args, kwargs)
+            else:
+                state = io.read_in(args, kwargs) + st["resid"]
+                if not st["none"]:
+                    sub_args, sub_kwargs = io.select(args, kwargs, st["mask"])
+                    state[st["mask"]] = io.read_out(original(*sub_args, **sub_kwargs), sub_args, sub_kwargs)
+                out = io.write(state, args, kwargs)
             session.mark(name, False if st["all"] else ~st["mask"])
-            if j == last:
-                rows = _rows(st["mask"], out)
-                if not st["all"]:
-                    out = torch.where(rows, out, x + st["resid"])  # skipped rows: x is still the span's input
-                fresh = out - base
-                st["resid"] = fresh if st["resid"] is None else torch.where(rows, fresh, st["resid"])
+            if not st["none"]:
+                fresh = state - st["base"]
+                st["resid"] = fresh if st["all"] else torch.where(_rows(st["mask"], fresh), fresh, st["resid"])
             return out
 
         return forward
@@ -85,7 +107,7 @@ class ResidualCache(CachePolicy):
 
 @dataclass
 class FBCConfig:
-    threshold: float = 0.05  # recompute when block 0's residual changed by more than this (relative L1)
+    threshold: float = 0.05  # reuse while block 0's residual changed by less than this (relative L1); 0: never
 
 
 class FirstBlockCache(ResidualCache):
@@ -100,19 +122,17 @@ class FirstBlockCache(ResidualCache):
         if len(model_blocks(model)) < 2:
             raise ConfigError("fbc needs a model with at least 2 blocks (block 0 is always computed)")
 
-    def head(self, session, block, original, x, args, kwargs):
+    def head(self, session, io, original, args, kwargs):
         st = session.state
-        out = original(x, *args, **kwargs)
-        check_block_output(out, x, self.name, "blocks.0")
-        resid = out - x
+        out = original(*args, **kwargs)
+        resid = io.signal(io.read_out(out, args, kwargs)) - io.signal(io.read_in(args, kwargs))
         prev = st.get("head_resid")
         if prev is None:
-            mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            mask = torch.ones(resid.shape[0], dtype=torch.bool, device=resid.device)
         else:
-            mask = relative_l1(resid, prev) > self.cfg.threshold
+            mask = ~(relative_l1(resid, prev) < self.cfg.threshold)  # NaN / inf: recompute
         st["head_resid"] = resid if prev is None else torch.where(_rows(mask, resid), resid, prev)
         self._set_mask(st, mask)
-        st["base"] = out  # the cached span (blocks 1..L-1) starts at block 0's output
         return out
 
 
@@ -132,7 +152,7 @@ def polynomial(coefficients, x: torch.Tensor) -> torch.Tensor:
 
 class TeaCache(ResidualCache):
     name = "teacache"
-    head_computes_all = False
+    span_start = 0
 
     def __init__(self, cfg: TeaCacheConfig, record: bool = False):
         super().__init__(cfg)
@@ -160,15 +180,16 @@ class TeaCache(ResidualCache):
                 f"(fbc, fora, taylorseer), or register one with ditk.cache.adapters.register_block"
             )
 
-    def head(self, session, block, original, x, args, kwargs):
+    def head(self, session, io, original, args, kwargs):
         st = session.state
-        mod = modulated_input(block)(block, (x, *args), kwargs)
+        block = io.block
+        mod = modulated_input(block)(block, args, kwargs)
         prev = st.get("prev_mod")
         i = session.step
-        n = x.shape[0]
+        n = mod.shape[0]
         if prev is None or i == 0 or i == session.num_evals - 1 or self.record:
-            mask = torch.ones(n, dtype=torch.bool, device=x.device)
-            st["acc"] = torch.zeros(n, dtype=torch.float32, device=x.device)
+            mask = torch.ones(n, dtype=torch.bool, device=mod.device)
+            st["acc"] = torch.zeros(n, dtype=torch.float32, device=mod.device)
             if prev is not None and self.record:
                 st["rel_in"] = relative_l1(mod, prev)
         else:
@@ -179,8 +200,6 @@ class TeaCache(ResidualCache):
             st["acc"] = torch.where(mask, torch.zeros_like(acc), acc)
         st["prev_mod"] = mod
         self._set_mask(st, mask)
-        st["base"] = x  # the cached span is the whole stack
-        return x
 
     def end_eval(self, session, output):
         if not self.record:

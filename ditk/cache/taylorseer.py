@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..registry import CACHE_POLICIES
-from .adapters import sub_module_units
+from .adapters import patch_target, sub_module_units
 from .base import CachePolicy
 
 ESTIMATORS = ("taylorseer", "newton")
@@ -56,10 +56,13 @@ class TaylorSeer(CachePolicy):
     def units(self, model):
         return sub_module_units(model)
 
+    def init_state(self, session):
+        return {"full": [], "factors": {}}  # full: indices of the full evaluations, newest last
+
     def install(self, session, units):
-        session.state.update(full=[], factors={})  # full: indices of the full evaluations, newest last
         for name, module in units:
-            session.patch(module, self._forward(session, name, module.forward))
+            owner, attr = patch_target(module)
+            session.patch(owner, self._forward(session, name, module.forward), attr)
 
     def begin_eval(self, session):
         i, full = session.step, session.state["full"]

@@ -4,7 +4,8 @@ The whole data set is a few hundred kilobytes and needs no download, so it is di
 a DiT-S/2 learns it in minutes. Pixels are ink counts 0..16 (0 = paper), mapped linearly to [-1, 1]
 (paper = -1). Larger `image_size` (16, 24, 32, ...) upsamples with bilinear interpolation
 (align_corners=False), which gives smooth strokes that bigger patches can learn; nearest would only
-repeat pixels in blocks.
+repeat pixels in blocks. `labels: false` hides the labels (num_classes 0, every label -1): the unlabelled
+data set that trains an unconditional model (model.num_classes=0).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class DigitsConfig:
     image_size: int = 8  # 8 = native; a multiple of 8 upsamples bilinearly
     split: str = "train"  # all | train | test (a fixed, class-stratified 90/10 split)
     hflip: bool = False  # must stay false: a mirrored 2 or 7 is not a digit
+    labels: bool = True  # false: an unlabelled data set (num_classes 0, labels -1), for unconditional models
 
 
 def split_indices(labels: np.ndarray, split: str) -> np.ndarray:
@@ -58,7 +60,7 @@ def _load() -> tuple[np.ndarray, np.ndarray]:
 class Digits(torch.utils.data.Dataset):
     num_classes = 10
 
-    def __init__(self, image_size: int = 8, split: str = "train"):
+    def __init__(self, image_size: int = 8, split: str = "train", labels: bool = True):
         if split not in SPLITS:
             raise ConfigError(f"data.split '{split}' is not one of {', '.join(SPLITS)}")
         if image_size < 8 or image_size % 8:
@@ -70,9 +72,12 @@ class Digits(torch.utils.data.Dataset):
             x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
         self.images = x.contiguous()
         self.labels = torch.from_numpy(target[keep].astype(np.int64))
+        if not labels:  # no label information at all: -1 = no class (ditk.data.latents then counts 0 classes)
+            self.labels = torch.full_like(self.labels, -1)
+        self.num_classes = len(CLASS_NAMES) if labels else 0
         self.indices = keep  # positions in scikit-learn's array, for provenance
         self.split = split
-        self.class_names = list(CLASS_NAMES)
+        self.class_names = list(CLASS_NAMES) if labels else []
         self.hflip = False
         self.shape = tuple(self.images.shape[1:])
         self.epoch = 0
@@ -97,4 +102,4 @@ def build_digits(cfg) -> Digits:
     """scikit-learn handwritten digits (1797 gray 8x8 images, 10 classes), no download."""
     if cfg.hflip:
         raise ConfigError("data.hflip must be false for digits (a mirrored digit is not a digit): set data.hflip=false")
-    return Digits(image_size=int(cfg.image_size), split=str(cfg.split))
+    return Digits(image_size=int(cfg.image_size), split=str(cfg.split), labels=bool(cfg.labels))

@@ -32,7 +32,7 @@ import torch
 from .. import __version__
 from ..errors import DitkError
 from . import stats as stats_io
-from .fid import _clean_fid_version, frechet_distance, kernel_distance
+from .fid import comparison_result, frechet_distance, kernel_distance
 from .stats import Stats
 
 AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "oga", "aif", "aiff", "mp3")  # what soundfile (libsndfile) reads
@@ -254,12 +254,7 @@ def evaluate(gen: Union[str, os.PathLike, Side], ref: Union[str, os.PathLike, Si
     if save_stats:
         stats_io.save(ref_stats, save_stats)
     meta = extractor.protocol() if extractor is not None else ref_stats.meta
-    return {
-        "fad": fad,
-        "kid_mean": kid_mean,
-        "kid_std": kid_std,
-        "n_gen": gen_stats.n,
-        "n_ref": ref_stats.n,
+    protocol = {
         "gen_files": gen.count if isinstance(gen, AudioFiles) else gen.meta.get("files"),
         "ref_files": ref.count if isinstance(ref, AudioFiles) else ref.meta.get("files"),
         "modality": MODE,
@@ -270,18 +265,10 @@ def evaluate(gen: Union[str, os.PathLike, Side], ref: Union[str, os.PathLike, Si
         "weights_sha256": meta.get("weights_sha256"),
         "front_end": meta.get("front_end"),
         "windowing": meta.get("windowing"),
-        "gen": _describe(gen),
-        "ref": _describe(ref),
-        "ref_stats_cache": ref_info["cache"],
-        "ref_stats_cache_hit": ref_info["cache_hit"],
-        "saved_stats": str(save_stats) if save_stats else None,
-        "kid_subsets": kid_subsets if kid_mean is not None else None,
-        "kid_subset_size": min(kid_subset_size, gen_stats.n, ref_stats.n) if kid_mean is not None else None,
-        "seed": seed,
-        "seconds": round(time.perf_counter() - start, 3),
-        "ditk_version": __version__,
-        "clean_fid_version": _clean_fid_version(),
     }
+    return comparison_result("fad", fad, (kid_mean, kid_std), gen_stats, ref_stats, protocol,
+                             gen=_describe(gen), ref=_describe(ref), ref_info=ref_info, save_stats=save_stats,
+                             kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed, start=start)
 
 
 def compute_stats(side: Union[str, os.PathLike, Side], features: Optional[str], out: str, *, device: str = "cpu",

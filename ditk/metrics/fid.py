@@ -222,19 +222,33 @@ def evaluate(gen: Union[str, os.PathLike, Side], ref: Union[str, os.PathLike, Si
     if save_stats:
         stats_io.save(ref_stats, save_stats)
 
-    result = {
-        "fid": fid,
-        "kid_mean": kid_mean,
-        "kid_std": kid_std,
-        "n_gen": gen_stats.n,
-        "n_ref": ref_stats.n,
+    protocol = {
         "mode": handle.mode,
         "feature_extractor": handle.name,
         "feature_dim": gen_stats.dim,
         "weights_sha256": _weights_sha(handle, gen_stats, ref_stats),
         "resize": handle.get().resize if handle.built else (ref_stats.meta or gen_stats.meta).get("resize"),
-        "gen": _describe(gen),
-        "ref": _describe(ref),
+    }
+    return comparison_result("fid", fid, (kid_mean, kid_std), gen_stats, ref_stats, protocol,
+                             gen=_describe(gen), ref=_describe(ref), ref_info=ref_info, save_stats=save_stats,
+                             kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed, start=start)
+
+
+def comparison_result(name: str, distance: float, kid: tuple, gen_stats: Stats, ref_stats: Stats, protocol: dict, *,
+                      gen: dict, ref: dict, ref_info: dict, save_stats: Optional[str], kid_subsets: int,
+                      kid_subset_size: int, seed: int, start: float) -> dict:
+    """The one JSON result of a comparison (image FID, audio FAD): the distance under `name`, KID (mean, std) or
+    (None, None), the set sizes, then the feature protocol's own keys, then what both report alike."""
+    kid_mean, kid_std = kid
+    return {
+        name: distance,
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "n_gen": gen_stats.n,
+        "n_ref": ref_stats.n,
+        **protocol,
+        "gen": gen,
+        "ref": ref,
         "ref_stats_cache": ref_info["cache"],
         "ref_stats_cache_hit": ref_info["cache_hit"],
         "saved_stats": str(save_stats) if save_stats else None,
@@ -245,7 +259,6 @@ def evaluate(gen: Union[str, os.PathLike, Side], ref: Union[str, os.PathLike, Si
         "ditk_version": __version__,
         "clean_fid_version": _clean_fid_version(),
     }
-    return result
 
 
 def compute_stats(side: Union[str, os.PathLike, Side], handle: ExtractorHandle, out: str, *, batch_size: int = 64,

@@ -273,6 +273,8 @@ def load_diffusers(model: DiT, source, *, match_diffusers: bool = False) -> DiT:
             f"{name} has {cfg.num_heads} attention heads but the model {model.num_heads}: "
             f"set model.num_heads={cfg.num_heads}"
         )
+    if hasattr(model, "convert_state_dict"):  # e.g. DyDiT adds its routers to a dense DiT
+        converted = model.convert_state_dict(converted)
     load_state_dict_checked(model, converted, name)
     # DiT's values, or diffusers' (CombinedTimestepLabelEmbeddings: downscale_freq_shift=1; norm3 eps=norm_eps).
     model.t_embedder.freq_shift = 1.0 if match_diffusers else 0.0
@@ -314,6 +316,25 @@ def load_pretrained(model: DiT, path: str | os.PathLike) -> DiT:
     if hasattr(model, "convert_state_dict"):  # a family whose official key names differ (e.g. DiT-MoE)
         sd = model.convert_state_dict(sd)
     load_state_dict_checked(model, sd, str(path))
+    return model
+
+
+def load_initial_weights(model: nn.Module, source: str | os.PathLike) -> nn.Module:
+    """`train.init_from`: the weights a fresh run starts from, in place — a ditk run or checkpoint folder (its EMA
+    weights), an official `.pt`, a `.safetensors` or a diffusers folder, converted by the model family
+    (`convert_state_dict`: official key names; a DyDiT adds its routers to a dense DiT)."""
+    from ..runs import load_weights, resolve_checkpoint
+
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"train.init_from '{source}' does not exist: pass a ditk run, one of its checkpoints or a weights file")
+    if not ((path / "config.yaml").is_file() or (path / "state.pt").is_file()):
+        return load_pretrained(model, path)
+    _, ckpt = resolve_checkpoint(path)
+    sd = load_weights(ckpt, "ema")
+    if hasattr(model, "convert_state_dict"):
+        sd = model.convert_state_dict(sd)
+    load_state_dict_checked(model, sd, str(ckpt))
     return model
 
 

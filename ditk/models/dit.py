@@ -44,7 +44,7 @@ class DiTConfig:
     depth: int = 28
     num_heads: int = 16
     mlp_ratio: float = 4.0
-    num_classes: int = 1000
+    num_classes: int = 1000  # 0 = unconditional: no label embedding, no `y`
     class_dropout_prob: float = 0.1  # > 0 adds the null-label row used for classifier-free guidance
     learn_sigma: bool = True  # output 2C channels: eps (or velocity) then the variance interpolation
 
@@ -84,6 +84,7 @@ class DiT(nn.Module):
     """Diffusion model with a transformer backbone.
 
     model(x (N, C, H, W), t (N,), y (N,) long) -> (N, out_channels, H, W), out_channels = 2C if learn_sigma else C.
+    num_classes=0 builds an unconditional DiT: no label embedder (so no `y_embedder.*` parameters), c = t_emb.
     """
 
     def __init__(
@@ -102,6 +103,8 @@ class DiT(nn.Module):
         super().__init__()
         if input_size % patch_size:
             raise ConfigError(f"model.input_size {input_size} is not a multiple of model.patch_size {patch_size}")
+        if num_classes < 0:
+            raise ConfigError(f"model.num_classes={num_classes}: use the number of classes, or 0 for an unconditional model")
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -114,7 +117,8 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Unconditional (num_classes=0): no label table at all, as in Diffusion-RWKV's unconditional release.
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         # Fixed sin-cos embedding; a (frozen) Parameter rather than a buffer so the official state dict loads.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
 
@@ -147,7 +151,8 @@ class DiT(nn.Module):
         nn.init.constant_(self.x_embedder.proj.bias, 0)
 
         # Label embedding table and timestep MLP weights: N(0, 0.02).
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
@@ -166,10 +171,15 @@ class DiT(nn.Module):
         """(N, T, p*p*out_channels) -> (N, out_channels, H, W)."""
         return unpatchify(x, self.patch_size, self.out_channels)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (N, C, H, W) inputs or latents; t (N,) model time; y (N,) labels, `num_classes` = null label."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, C, H, W) inputs or latents; t (N,) model time; y (N,) labels, `num_classes` = null label
+        (ignored by an unconditional model)."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / patch_size ** 2
-        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        c = self.t_embedder(t)  # (N, D)
+        if self.y_embedder is not None:
+            if y is None:
+                raise ConfigError("this DiT is class-conditional: pass y (use num_classes as the null label)")
+            c = c + self.y_embedder(y)
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, patch_size ** 2 * out_channels)

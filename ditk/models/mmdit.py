@@ -237,13 +237,17 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x, vec, angles, mask=None):
         shift, scale, gate = self.modulation(vec)
-        qkv, mlp = torch.split(self.linear1((1 + scale) * self.pre_norm(x) + shift),
-                               [3 * self.hidden_size, self.mlp_hidden], dim=-1)
-        n, l, _ = x.shape
+        return x + gate * self.branch((1 + scale) * self.pre_norm(x) + shift, angles, mask)
+
+    def branch(self, h, angles, mask=None):
+        """The parallel attention + MLP branch on the modulated input h, before the gate (its own method so that
+        feature caches can reuse it as DiT's attention and MLP outputs are reused)."""
+        qkv, mlp = torch.split(self.linear1(h), [3 * self.hidden_size, self.mlp_hidden], dim=-1)
+        n, l, _ = h.shape
         q, k, v = qkv.reshape(n, l, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = self.norm(q, k, v)
         attn = self.attn(q, k, v, angles, mask)
-        return x + gate * self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=2))
+        return self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=2))
 
 
 #################################################################################

@@ -3,12 +3,14 @@ blocks (ditk.audio.ajepa). It is not a diffusion objective; it fits the training
 
 - The loop's per-sample random draw (`sample_time`, the "time" of diffusion objectives) is the set of masks:
   drawn for the whole global batch from the step's generator, so runs resume exactly and N processes train as
-  one (each process takes its rows). Its noise is ignored.
+  one (each process takes its rows). `uses_noise = False`: the loop draws no diffusion noise for it.
 - Two hooks the loop calls on objectives that have them: `begin_step(model, step, max_steps)` before the
   step's draws (the masking curriculum needs the step), and `end_step(model, step, max_steps)` after the
   optimizer step: the momentum update of the target encoder, m going linearly from 0.996 to 1.0 over
   train.max_steps (I-JEPA's schedule). The target encoder lives inside the model (its weights are in the
-  checkpoint's model.safetensors), not in the loop's EMA copy, whose constant decay is not the paper's.
+  checkpoint's model.safetensors). `uses_ema = False`: the loop keeps no EMA copy of the whole model (its
+  constant decay is not the paper's, and the copy would double the memory and the work of every step);
+  ema.safetensors then holds the model's own weights.
 - It has no solvers: there is nothing to sample, and `ditk sample` says so.
 """
 
@@ -39,6 +41,9 @@ class AJEPAObjectiveConfig(MaskConfig):
 class AJEPAObjective(Objective):
     name = "a-jepa"
     solvers = ()
+    why_no_solvers = NOT_GENERATIVE  # what `ditk sample` says about a run of this objective
+    uses_noise = False  # the train loop draws no noise for it (the masks are its whole random draw)
+    uses_ema = False  # ... and keeps no EMA copy: the target encoder is the model's own average
 
     def __init__(self, cfg=None):
         cfg = AJEPAObjectiveConfig() if cfg is None else cfg
