@@ -257,14 +257,19 @@ def final_layer_reference(sd, x, c):
 
 
 def dis_reference(sd, x, t, y, depth, out_channels):
-    """DisModel.forward (class-conditional, eval: no label dropout, no drop path)."""
+    """DisModel.forward (eval: no label dropout, no drop path). Class-conditional: tokens [label, time, patches] and
+    an adaLN final layer on time + label; unconditional (num_classes=-1, y None): tokens [time, patches] and
+    FinalLayer(condition=False) = Linear(LayerNorm(x))."""
     w = sd["patch_embed.proj.weight"]
     d, p = w.shape[0], w.shape[-1]
     tokens = F.conv2d(x, w, sd["patch_embed.proj.bias"], stride=p).flatten(2).transpose(1, 2)
     temb = official_timestep_embedding(t, d).to(x.dtype)
     time_token = lin(F.silu(lin(temb, sd, "time_embed.0.")), sd, "time_embed.2.")
-    label = sd["label_emb.embedding_table.weight"][y]
-    hidden = torch.cat([label[:, None], time_token[:, None], tokens], 1) + sd["pos_embed"]
+    prefix = [time_token[:, None]]
+    if y is not None:
+        label = sd["label_emb.embedding_table.weight"][y]
+        prefix.insert(0, label[:, None])
+    hidden = torch.cat([*prefix, tokens], 1) + sd["pos_embed"]
     residual, skips = None, []
     for i in range(depth // 2):
         hidden, residual = mamba_block_reference(sd, f"in_blocks.{i}.", hidden, residual)
@@ -274,8 +279,11 @@ def dis_reference(sd, x, t, y, depth, out_channels):
         hidden = lin(torch.cat([hidden, skips.pop()], -1), sd, f"out_blocks.{i}.skip_linear.")
         hidden, residual = mamba_block_reference(sd, f"out_blocks.{i}.", hidden, residual)
     hidden = rms_norm(residual + hidden, sd["norm_f.weight"])
-    out = final_layer_reference(sd, hidden, time_token + label)
-    return unpatchify_official(out[:, 2:], out_channels)
+    if y is None:
+        out = lin(F.layer_norm(hidden, (d,), eps=1e-6), sd, "final_layer.linear.")
+    else:
+        out = final_layer_reference(sd, hidden, time_token + label)
+    return unpatchify_official(out[:, len(prefix):], out_channels)
 
 
 def q_shift_reference(x, grid, shift=1, gamma=0.25):

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ditk_testing import TINY, invoke_ditk
-from test_official_weights import (dis_official, drwkv_official, final_layer_reference, lin, mamba_block_reference,
-                                   official_timestep_embedding, random_state_dict, rms_norm, save_official,
-                                   small_dis, small_dis_official, unpatchify_official)
+from test_official_weights import (dis_official, dis_reference, drwkv_official, final_layer_reference, lin,
+                                   official_timestep_embedding, random_state_dict, save_official, small_dis,
+                                   small_dis_official, unpatchify_official)
 
 from ditk.models.dit import DiT
 
@@ -114,28 +114,6 @@ def test_unconditional_dit_forward_is_the_dit_forward_with_c_equal_to_t_emb():
         assert not torch.allclose(model(x, t.flip(0)), ours)
 
 
-def dis_uncond_reference(sd, x, t, depth, out_channels):
-    """feizc/DiS DisModel.forward(x, t, labels=None) with num_classes=-1 (eval): tokens [time, patches] + pos_embed,
-    the U-ViT Mamba stack, RMSNorm, FinalLayer(condition=False) = Linear(LayerNorm(x)), drop the time token."""
-    w = sd["patch_embed.proj.weight"]
-    d, p = w.shape[0], w.shape[-1]
-    tokens = F.conv2d(x, w, sd["patch_embed.proj.bias"], stride=p).flatten(2).transpose(1, 2)
-    temb = official_timestep_embedding(t, d).to(x.dtype)
-    time_token = lin(F.silu(lin(temb, sd, "time_embed.0.")), sd, "time_embed.2.")
-    hidden = torch.cat([time_token[:, None], tokens], 1) + sd["pos_embed"]
-    residual, skips = None, []
-    for i in range(depth // 2):
-        hidden, residual = mamba_block_reference(sd, f"in_blocks.{i}.", hidden, residual)
-        skips.append(hidden)
-    hidden, residual = mamba_block_reference(sd, "mid_block.", hidden, residual)
-    for i in range(depth // 2):
-        hidden = lin(torch.cat([hidden, skips.pop()], -1), sd, f"out_blocks.{i}.skip_linear.")
-        hidden, residual = mamba_block_reference(sd, f"out_blocks.{i}.", hidden, residual)
-    hidden = rms_norm(residual + hidden, sd["norm_f.weight"])
-    out = lin(F.layer_norm(hidden, (d,), eps=1e-6), sd, "final_layer.linear.")
-    return unpatchify_official(out[:, 1:], out_channels)
-
-
 def test_unconditional_official_dis_loads_and_matches_the_official_forward(tmp_path):
     from ditk.models.convert import load_pretrained
 
@@ -148,7 +126,7 @@ def test_unconditional_official_dis_loads_and_matches_the_official_forward(tmp_p
     t = torch.tensor([5.0, 800.0])
     with torch.no_grad():
         ours = model(x, t)
-    torch.testing.assert_close(ours, dis_uncond_reference(official, x, t, depth=4, out_channels=6), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, dis_reference(official, x, t, None, depth=4, out_channels=6), rtol=1e-5, atol=1e-5)
     assert ours.std() > 0.1
 
 

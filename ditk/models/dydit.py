@@ -68,7 +68,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..registry import MODELS
-from .dit import DiT, DiTBlock, DiTConfig
+from .dit import DiT, DiTBlock, DiTConfig, dit_kwargs
 from .layers import Attention, Mlp, modulate
 
 GATE_THRESHOLD = 0.5  # official `threshold`: a token passes when its (noisy, in training) sigmoid exceeds it
@@ -577,17 +577,8 @@ class DyDiT(DiT):
                  help="DyDiT (DiT with learned token / head / channel routing under a FLOPs budget, Zhao et al. 2025)")
 def build_dydit(cfg) -> DyDiT:
     """DyDiT (DiT with learned token / head / channel routing under a FLOPs budget, Zhao et al. 2025)."""
-    model = DyDiT(
-        input_size=int(cfg.input_size),
-        patch_size=int(cfg.patch_size),
-        in_channels=int(cfg.in_channels),
-        hidden_size=int(cfg.hidden_size),
-        depth=int(cfg.depth),
-        num_heads=int(cfg.num_heads),
-        mlp_ratio=float(cfg.mlp_ratio),
-        class_dropout_prob=float(cfg.class_dropout_prob),
-        num_classes=int(cfg.num_classes),
-        learn_sigma=bool(cfg.learn_sigma),
+    return DyDiT(
+        **dit_kwargs(cfg),
         token_budget=float(cfg.token_budget),
         flops_loss_weight=float(cfg.flops_loss_weight),
         budget_warmup=int(cfg.budget_warmup),
@@ -599,4 +590,3 @@ def build_dydit(cfg) -> DyDiT:
         gate_tau=float(cfg.gate_tau),
         gumbel_noise=bool(cfg.gumbel_noise),
     )
-    return model
