@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
@@ -182,3 +182,21 @@ def load_run_config(run_dir: str | Path, overrides: Iterable[str] = ()) -> DictC
     if not path.is_file():
         raise ConfigError(f"'{run_dir}' is not a ditk run directory (no config.yaml): pass runs/<name> as written by `ditk train`")
     return validate(merge(OmegaConf.load(path), parse_overrides(overrides)), allow_missing=("data",))
+
+
+_CASTS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def section_kwargs(section, config_cls) -> dict:
+    """A registry section (a typed DictConfig, or an instance of its config dataclass) -> one plain-Python keyword
+    argument per field of `config_cls`: what a builder passes to a constructor whose parameters mirror its config."""
+    kwargs = {}
+    for f in dataclasses.fields(config_cls):
+        value = getattr(section, f.name)
+        cast = _CASTS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+        if cast is not None and value is not None:
+            value = cast(value)
+        elif isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+        kwargs[f.name] = value
+    return kwargs

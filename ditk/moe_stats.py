@@ -98,7 +98,7 @@ class ExpertUsageRecorder:
             return
         if len(call["experts"]) == len(self.layers):
             call["experts"] = torch.stack(call["experts"], dim=1)  # (n, layers, tokens, k)
-        else:  # kept as a placeholder so the step numbering of the sampler stays right
+        else:  # an incomplete call still takes its place, so the step numbering of the sampler stays right
             call["experts"] = None
             self.incomplete += 1
         self.calls.append(call)

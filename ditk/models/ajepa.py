@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from ..audio.ajepa import AJEPA, AJEPAConfig
+from ..config import section_kwargs
 from ..registry import MODELS
 
 
@@ -12,5 +11,4 @@ from ..registry import MODELS
                  help="A-JEPA (context encoder, EMA target encoder, predictor on log-mel patches; self-supervised)")
 def build_ajepa(cfg) -> AJEPA:
     """A-JEPA (context encoder, EMA target encoder, predictor on log-mel patches; self-supervised)."""
-    fields = asdict(AJEPAConfig())
-    return AJEPA(AJEPAConfig(**{k: type(v)(getattr(cfg, k, v)) for k, v in fields.items()}))
+    return AJEPA(AJEPAConfig(**section_kwargs(cfg, AJEPAConfig)))

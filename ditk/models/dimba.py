@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..config import section_kwargs
 from ..errors import ConfigError
 from ..registry import MODELS
 from .layers import Attention, CrossAttention, Mlp, PatchEmbed, TimestepEmbedder, unpatchify
@@ -322,24 +323,4 @@ def convert_official_state_dict(state_dict: dict, model: Dimba) -> dict:
                  help="Dimba (Transformer + bidirectional-Mamba layers, text cross-attention, Fei et al. 2024)")
 def build_dimba(cfg) -> Dimba:
     """Dimba (Transformer + bidirectional-Mamba layers, text cross-attention, Fei et al. 2024)."""
-    return Dimba(
-        input_size=int(cfg.input_size),
-        patch_size=int(cfg.patch_size),
-        in_channels=int(cfg.in_channels),
-        hidden_size=int(cfg.hidden_size),
-        depth=int(cfg.depth),
-        num_heads=int(cfg.num_heads),
-        mlp_ratio=float(cfg.mlp_ratio),
-        mamba_ratio=float(cfg.mamba_ratio),
-        caption_channels=int(cfg.caption_channels),
-        d_state=int(cfg.d_state),
-        expand=int(cfg.expand),
-        d_conv=int(cfg.d_conv),
-        dt_rank=int(cfg.dt_rank),
-        pe_interpolation=float(cfg.pe_interpolation),
-        learn_sigma=bool(cfg.learn_sigma),
-        class_dropout_prob=float(cfg.class_dropout_prob),
-        num_classes=int(cfg.num_classes),
-        drop_path=float(cfg.drop_path),
-        scan_backend=str(cfg.scan_backend),
-    )
+    return Dimba(**section_kwargs(cfg, DimbaConfig))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..config import section_kwargs
 from ..errors import ConfigError
 from ..registry import MODELS
 from .layers import FinalLayer, LabelEmbedder, PatchEmbed, WideTimestepEmbedder, unpatchify
@@ -217,20 +218,4 @@ DIS_OFFICIAL_RENAMES = (
 @MODELS.register("dis", config=DiSConfig, help="DiS (bidirectional-Mamba U-ViT diffusion backbone, Fei et al. 2024)")
 def build_dis(cfg) -> DiS:
     """DiS (bidirectional-Mamba U-ViT diffusion backbone, Fei et al. 2024)."""
-    return DiS(
-        input_size=int(cfg.input_size),
-        patch_size=int(cfg.patch_size),
-        in_channels=int(cfg.in_channels),
-        hidden_size=int(cfg.hidden_size),
-        depth=int(cfg.depth),
-        d_state=int(cfg.d_state),
-        expand=int(cfg.expand),
-        d_conv=int(cfg.d_conv),
-        dt_rank=int(cfg.dt_rank),
-        num_classes=int(cfg.num_classes),
-        class_dropout_prob=float(cfg.class_dropout_prob),
-        learn_sigma=bool(cfg.learn_sigma),
-        drop_path=float(cfg.drop_path),
-        skip=bool(cfg.skip),
-        scan_backend=str(cfg.scan_backend),
-    )
+    return DiS(**section_kwargs(cfg, DiSConfig))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..config import section_kwargs
 from ..errors import ConfigError
 from ..registry import MODELS
 from .layers import (
@@ -189,21 +190,4 @@ class DiT(nn.Module):
 @MODELS.register("dit", config=DiTConfig, help="DiT (adaLN-Zero diffusion transformer, Peebles & Xie 2023)")
 def build_dit(cfg) -> DiT:
     """DiT (adaLN-Zero diffusion transformer, Peebles & Xie 2023)."""
-    return DiT(**dit_kwargs(cfg))
-
-
-def dit_kwargs(cfg) -> dict:
-    """DiT's constructor arguments from a DiTConfig-like section (a dataclass or a typed DictConfig), with plain
-    Python types; variants (DiT-MoE) add their own fields to it."""
-    return dict(
-        input_size=int(cfg.input_size),
-        patch_size=int(cfg.patch_size),
-        in_channels=int(cfg.in_channels),
-        hidden_size=int(cfg.hidden_size),
-        depth=int(cfg.depth),
-        num_heads=int(cfg.num_heads),
-        mlp_ratio=float(cfg.mlp_ratio),
-        class_dropout_prob=float(cfg.class_dropout_prob),
-        num_classes=int(cfg.num_classes),
-        learn_sigma=bool(cfg.learn_sigma),
-    )
+    return DiT(**section_kwargs(cfg, DiTConfig))

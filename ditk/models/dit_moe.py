@@ -38,9 +38,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import section_kwargs
 from ..errors import ConfigError
 from ..registry import MODELS
-from .dit import DiT, DiTBlock, DiTConfig, dit_kwargs
+from .dit import DiT, DiTBlock, DiTConfig
 from .layers import Attention, Mlp
 
 EXPERT_TYPES = ("swiglu", "gelu")
@@ -303,13 +304,4 @@ def dit_moe_size_config(size: str, num_experts: int = 8, patch_size: int = 2, **
 @MODELS.register("dit-moe", config=DiTMoEConfig, help="DiT-MoE (DiT with shared + top-k routed experts, Fei et al. 2024)")
 def build_dit_moe(cfg) -> DiTMoE:
     """DiT-MoE (DiT with shared + top-k routed experts, Fei et al. 2024)."""
-    return DiTMoE(
-        **dit_kwargs(cfg),
-        num_experts=int(cfg.num_experts),
-        top_k=int(cfg.top_k),
-        num_shared_experts=int(cfg.num_shared_experts),
-        expert_type=str(cfg.expert_type),
-        aux_loss_alpha=float(cfg.aux_loss_alpha),
-        capacity_factor=float(cfg.capacity_factor),
-        qk_norm=bool(cfg.qk_norm),
-    )
+    return DiTMoE(**section_kwargs(cfg, DiTMoEConfig))

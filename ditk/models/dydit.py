@@ -66,9 +66,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import section_kwargs
 from ..errors import ConfigError
 from ..registry import MODELS
-from .dit import DiT, DiTBlock, DiTConfig, dit_kwargs
+from .dit import DiT, DiTBlock, DiTConfig
 from .layers import Attention, Mlp, modulate
 
 GATE_THRESHOLD = 0.5  # official `threshold`: a token passes when its (noisy, in training) sigmoid exceeds it
@@ -577,16 +578,4 @@ class DyDiT(DiT):
                  help="DyDiT (DiT with learned token / head / channel routing under a FLOPs budget, Zhao et al. 2025)")
 def build_dydit(cfg) -> DyDiT:
     """DyDiT (DiT with learned token / head / channel routing under a FLOPs budget, Zhao et al. 2025)."""
-    return DyDiT(
-        **dit_kwargs(cfg),
-        token_budget=float(cfg.token_budget),
-        flops_loss_weight=float(cfg.flops_loss_weight),
-        budget_warmup=int(cfg.budget_warmup),
-        budget_hold=int(cfg.budget_hold),
-        router_hidden_ratio=int(cfg.router_hidden_ratio),
-        router_bias_init=float(cfg.router_bias_init),
-        dynamic_width=bool(cfg.dynamic_width),
-        width_router_bias_init=float(cfg.width_router_bias_init),
-        gate_tau=float(cfg.gate_tau),
-        gumbel_noise=bool(cfg.gumbel_noise),
-    )
+    return DyDiT(**section_kwargs(cfg, DyDiTConfig))

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import section_kwargs
 from ..errors import ConfigError
 from ..registry import MODELS
 from .convert import count_blocks
@@ -427,11 +428,5 @@ def convert_fluxmusic_state_dict(state_dict: dict, depth_double: int) -> dict:
                  help="FluxMusic (MMDiT: double- then single-stream blocks, RoPE, text tokens + pooled text)")
 def build_fluxmusic(cfg) -> FluxMusic:
     """FluxMusic (MMDiT: double- then single-stream blocks, RoPE, text tokens + pooled text)."""
-    return FluxMusic(
-        input_size=int(cfg.input_size), frames=int(cfg.frames), patch_size=int(cfg.patch_size),
-        in_channels=int(cfg.in_channels), hidden_size=int(cfg.hidden_size), num_heads=int(cfg.num_heads),
-        depth_double=int(cfg.depth_double), depth_single=int(cfg.depth_single), mlp_ratio=float(cfg.mlp_ratio),
-        axes_dim=tuple(int(d) for d in cfg.axes_dim), theta=float(cfg.theta), qkv_bias=bool(cfg.qkv_bias),
-        context_dim=int(cfg.context_dim), pooled_dim=int(cfg.pooled_dim), mask_text=bool(cfg.mask_text),
-        class_dropout_prob=float(cfg.class_dropout_prob), learn_sigma=bool(cfg.learn_sigma),
-    )
+    kwargs = section_kwargs(cfg, FluxMusicConfig)
+    return FluxMusic(**{**kwargs, "axes_dim": tuple(int(d) for d in kwargs["axes_dim"])})

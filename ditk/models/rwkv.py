@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import section_kwargs
 from ..errors import ConfigError
 from ..registry import MODELS
 from .convert import count_blocks, is_official_uvit, official_uvit_to_ditk
@@ -564,20 +565,4 @@ DRWKV_OFFICIAL_RENAMES = (
                  help="Diffusion-RWKV (bidirectional RWKV blocks, long skips, adaLN-Zero; Fei et al. 2024)")
 def build_diffusion_rwkv(cfg) -> DiffusionRWKV:
     """Diffusion-RWKV (bidirectional RWKV blocks, long skips, adaLN-Zero; Fei et al. 2024)."""
-    return DiffusionRWKV(
-        input_size=int(cfg.input_size),
-        patch_size=int(cfg.patch_size),
-        in_channels=int(cfg.in_channels),
-        hidden_size=int(cfg.hidden_size),
-        depth=int(cfg.depth),
-        mlp_ratio=float(cfg.mlp_ratio),
-        num_classes=int(cfg.num_classes),
-        class_dropout_prob=float(cfg.class_dropout_prob),
-        learn_sigma=bool(cfg.learn_sigma),
-        shift_pixel=int(cfg.shift_pixel),
-        channel_gamma=float(cfg.channel_gamma),
-        init_mode=str(cfg.init_mode),
-        skip=bool(cfg.skip),
-        drop_path_rate=float(cfg.drop_path_rate),
-        wkv_impl=str(cfg.wkv_impl),
-    )
+    return DiffusionRWKV(**section_kwargs(cfg, DiffusionRWKVConfig))
