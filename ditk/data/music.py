@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..audio import vae as _vae  # noqa: F401  (registers the `audioldm2-vae` autoencoder that audio presets name)
+from ..audio.mel import MelConfig
 from ..errors import ConfigError
 from ..registry import DATASETS
 from .sampler import _splitmix64, split_index
@@ -35,19 +36,19 @@ _CACHE_BYTES = 512 * 2**20  # spectrograms are kept in memory up to this size; b
 
 
 @dataclass
-class MusicConfig:
+class AudioDataConfig(MelConfig):
+    """What every audio data set's section holds: the mel front end (MelConfig's fields: the paper's settings by
+    default) and how `ditk sample` turns generated spectrograms into sound."""
+
+    vocoder: str = "griffin-lim"  # griffin-lim (no weights) | path of a HiFi-GAN folder (AudioLDM2 `vocoder/`)
+    griffin_lim_iters: int = 64
+
+
+@dataclass
+class MusicConfig(AudioDataConfig):
     num_clips: int = 4096
     frames: int = 1024  # spectrogram frames per clip (the training window): 1024 x 10 ms = 10.24 s (AudioLDM)
     seed: int = 0  # which clips: another seed gives a disjoint-in-practice set (e.g. for a held-out set)
-    sample_rate: int = 16000
-    n_fft: int = 1024
-    win_length: int = 1024
-    hop_length: int = 160
-    n_mels: int = 64
-    fmin: float = 0.0
-    fmax: float = 8000.0
-    vocoder: str = "griffin-lim"  # griffin-lim (no weights) | path of a HiFi-GAN folder (AudioLDM2 `vocoder/`)
-    griffin_lim_iters: int = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -123,20 +124,11 @@ build_music.modality = "audio"
 
 
 @dataclass
-class AudioFolderConfig:
+class AudioFolderConfig(AudioDataConfig):
     path: str = "???"  # folder holding the audio files and captions.jsonl
     captions: str = "captions.jsonl"  # JSON lines {"file": relative path, "caption": text}
     frames: int = 1024
     seed: int = 0  # window positions
-    sample_rate: int = 16000
-    n_fft: int = 1024
-    win_length: int = 1024
-    hop_length: int = 160
-    n_mels: int = 64
-    fmin: float = 0.0
-    fmax: float = 8000.0
-    vocoder: str = "griffin-lim"
-    griffin_lim_iters: int = 64
 
 
 class AudioFolder(torch.utils.data.Dataset):
