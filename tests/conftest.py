@@ -1,8 +1,19 @@
 """Shared fixtures."""
 
 import pytest
+import torch
 
 from ditk_testing import TINY, invoke_ditk
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The in-process tests run thousands of tiny ops: on a busy 2-core machine intra-op threads only wait on each
+    other (10-100x slower). Commands run through `run_ditk` are subprocesses with torch's default."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

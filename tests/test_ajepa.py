@@ -264,7 +264,6 @@ def test_loss_is_the_average_l2_distance_and_predictions_follow_each_block():
 
 
 def test_loss_decreases_over_a_few_steps_of_training():
-    torch.set_num_threads(1)
     model, obj = tiny_model(), tiny_objective()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     g = torch.Generator().manual_seed(0)
@@ -291,7 +290,6 @@ def test_ditk_train_a_jepa_runs_and_resumes_exactly(tmp_path):
 
     from ditk.train import prepare_run_dir, train
 
-    torch.set_num_threads(1)
 
     def run(folder):
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -322,7 +320,6 @@ def test_ditk_train_a_jepa_runs_and_resumes_exactly(tmp_path):
 def test_sampling_an_a_jepa_run_says_it_is_not_generative(tmp_path):
     from ditk_testing import invoke_ditk
 
-    torch.set_num_threads(1)
     invoke_ditk("train", "a-jepa-tiny", *TRAIN_TINY, "train.max_steps=1", f"run.dir={tmp_path}", "--no-progress",
                 check=True)
     proc = invoke_ditk("sample", tmp_path / "a-jepa-tiny", "--num", "2", "--no-progress")

@@ -15,7 +15,6 @@ from ditk.audio.synth import (MODES, PITCH_CLASSES, TIMBRES, VARIANTS, ClipSpec,
                               random_spec, synthesize)
 from ditk.errors import ConfigError
 
-torch.set_num_threads(1)
 SR = 16000
 
 

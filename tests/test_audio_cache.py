@@ -18,14 +18,6 @@ from ditk.sampling import sample
 from ditk_testing import invoke_ditk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_fluxmusic():
     from ditk.models.mmdit import FluxMusic
 

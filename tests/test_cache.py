@@ -26,14 +26,6 @@ NO_SKIP = {"fora": {"interval": 1}, "taylorseer": {"interval": 1}, "delta-dit": 
            "fbc": {"threshold": 0.0}, "teacache": {"threshold": 0.0}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_dit(learn_sigma=True, depth=4):
     """A tiny DiT with every weight random: adaLN-Zero's init would make each block the identity."""
     torch.manual_seed(0)

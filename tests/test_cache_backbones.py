@@ -30,14 +30,6 @@ NO_SKIP = {"fora": {"interval": 1}, "taylorseer": {"interval": 1}, "delta-dit": 
 N = 2  # images (4 rows with CFG)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomise(model, seed=1):
     """Every weight random: zero-initialised gates and output layers would make blocks the identity."""
     g = torch.Generator().manual_seed(seed)

@@ -16,15 +16,6 @@ from ditk.models.layers import CrossAttention, get_2d_sincos_pos_embed
 from ditk.train import prepare_run_dir, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def official_shapes(depth, d, heads=16, p=2, c=4, cap=4096, mamba_depth=None, n=16, expand=2, k=4):
     """name -> shape of every parameter of feizc/Dimba `Dimba` (PixArt blocks + `mamba_blocks`, bimamba v2,
     RMSNorm, learned sigma), as its modules define them."""

@@ -15,15 +15,6 @@ from ditk.registry import MODELS
 from ditk.train import prepare_run_dir, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def official_param_count(depth, d, p, in_channels=4, num_classes=1000, input_size=32, d_state=16, expand=2, d_conv=4):
     """All parameters of feizc/DiS models_dis.py `DisModel` (class-conditional, learn_sigma, skip=True,
     bimamba v2, RMSNorm), from its layer shapes."""

@@ -18,7 +18,6 @@ from ditk.moe_stats import ExpertUsageRecorder
 from ditk.train import auxiliary_loss
 from ditk_testing import TINY, run_ditk
 
-torch.set_num_threads(1)
 
 
 def official_param_count(depth, d, heads, experts, top_k=2, qk_norm=False, p=2, in_channels=4, num_classes=1000,

@@ -20,7 +20,6 @@ from ditk.models.layers import modulate
 from ditk.train import auxiliary_loss
 from ditk_testing import TINY, invoke_ditk
 
-torch.set_num_threads(1)
 
 SMALL = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=3, num_heads=4, num_classes=10)
 

@@ -34,7 +34,6 @@ def _write(folder, waves):
 
 @pytest.fixture(scope="module")
 def audio_sets(tmp_path_factory):
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("fad")
     invoke_ditk("train", "a-jepa-tiny", *RUN, f"run.dir={root}", "--no-progress", check=True)
     ref, real = _music(1, N_CLIPS), _music(2, N_CLIPS)  # two disjoint held-out draws of the synthesiser

@@ -7,7 +7,6 @@ import torch
 from ditk.models.mmdit import (FLUXMUSIC_SIZES, DoubleStreamBlock, FluxMusic, SingleStreamBlock,
                                convert_fluxmusic_state_dict, rope_angles)
 
-torch.set_num_threads(1)
 D, H, HD, AXES = 48, 3, 16, (4, 6, 6)
 
 

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from ditk.conditioners import TextConditionerConfig, build_text_conditioner
 from ditk.errors import ConfigError
 
-torch.set_num_threads(1)
 PROMPTS = ["a fast rising melody", "a slow falling chord progression on an organ in D minor", ""]
 
 

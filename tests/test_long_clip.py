@@ -14,7 +14,6 @@ from ditk.errors import ConfigError
 from ditk.objectives.flow import RectifiedFlow
 from ditk.sampling import sample
 
-torch.set_num_threads(1)
 WINDOW, ELL = 16, 4.0
 
 

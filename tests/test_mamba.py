@@ -8,14 +8,6 @@ from ditk.errors import ConfigError
 from ditk.models.mamba import Mamba, _LinearScan, _scan, _SelectiveScan, kernels_available, linear_scan, selective_scan
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def loop_recurrence(a, b, reverse=False, initial=None):
     """h_t = a_t h_{t-1} + b_t (or h_{t+1} when reverse), one step per token."""
     h = torch.zeros_like(a[0]) if initial is None else initial

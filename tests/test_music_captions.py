@@ -8,7 +8,6 @@ as about the smallest that still follows direction on every seed tried (docs/aud
 """
 
 import pytest
-import torch
 
 from ditk_testing import invoke_ditk
 
@@ -30,7 +29,6 @@ def test_trained_tiny_fluxmusic_follows_the_pitch_direction_of_its_prompt(tmp_pa
     from ditk.generate import load_pipeline
     from ditk.registry import DATASETS
 
-    torch.set_num_threads(1)
     invoke_ditk("train", "tones-fluxmusic", *OVERRIDES, f"run.dir={tmp_path}", "--no-progress", check=True)
     pipe = load_pipeline(str(tmp_path / "tones-fluxmusic"), overrides=["sample.seed=0"], device="cpu")
     io = AudioOutput(pipe)

@@ -53,14 +53,6 @@ from ditk.models.mmdit import FluxMusic
 from ditk.models.rwkv import DiffusionRWKV
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread hand-offs only cost on a busy machine
-    yield
-    torch.set_num_threads(threads)
-
-
 #################################################################################
 #               Official key lists (name -> shape), from the module code         #
 #################################################################################

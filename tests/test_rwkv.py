@@ -18,14 +18,6 @@ from ditk.models.rwkv import (DRWKV_SIZES, DiffusionRWKV, DiffusionRWKVConfig, b
 from ditk.registry import MODELS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tests run many tiny ops; thread hand-offs only cost on a busy machine
-    yield
-    torch.set_num_threads(previous)
-
-
 #################################################################################
 #                      Bi-WKV against float64 references                        #
 #################################################################################

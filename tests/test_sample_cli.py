@@ -4,7 +4,6 @@ import json
 import shutil
 
 import numpy as np
-import pytest
 import torch
 
 from ditk_testing import TINY, invoke_ditk, run_ditk

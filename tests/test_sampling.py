@@ -78,15 +78,6 @@ def ddpm():
     return DDPM(DDPMConfig())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Thousands of tiny ops: with a second busy core, intra-op threads only wait on each other (10-100x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_registered_solvers():
     assert set(SOLVERS.names()) == {"ddpm", "ddim", "dpm-solver++", "unipc", "euler", "heun"}
 

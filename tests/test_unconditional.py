@@ -28,14 +28,6 @@ from ditk.models.dit import DiT
 UNCOND = ["model.num_classes=0", "data.labels=false", "sample.cfg_scale=1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread hand-offs only cost on a busy machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
