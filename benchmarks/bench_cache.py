@@ -50,9 +50,16 @@ def compute_fraction(report: dict) -> float:
     return done / total if total else 1.0
 
 
-def bench(name: str, run_fn, calibrate_fn, repeats: int, n_images: int, images: bool) -> list[dict]:
-    """run_fn(policy) -> samples (N, C, H, W) on the CPU; calibrate_fn() -> TeaCache coefficients."""
-    coefficients = calibrate_fn()
+def calibrate(run_fn) -> list:
+    """TeaCache's calibration for a row: one full run recorded, the rescaling polynomial fitted."""
+    recorder = TeaCache(TeaCacheConfig(), record=True)
+    run_fn(recorder)
+    return recorder.fit()
+
+
+def bench(name: str, run_fn, repeats: int, n_images: int, images: bool) -> list[dict]:
+    """run_fn(policy) -> samples (N, C, H, W) on the CPU."""
+    coefficients = calibrate(run_fn)
     times = {p: [] for p in POLICIES}
     outputs, reports = {}, {}
     run_fn(build_policy("none"))  # warm-up (lazy imports, allocator)
@@ -100,13 +107,8 @@ def digits(args) -> list[dict]:
     print(f"[bench] digits: {run}, {sc.solver} {sc.steps} steps, cfg {sc.cfg_scale}, {len(indices)} images",
           file=sys.stderr)
 
-    def calibrate():
-        recorder = TeaCache(TeaCacheConfig(), record=True)
-        sample_images(pipe, indices, cache=recorder)
-        return recorder.fit()
-
     return bench(f"digits DiT ({Path(run).name}, {sc.solver}{sc.steps}, cfg {sc.cfg_scale:g})",
-                 lambda policy: sample_images(pipe, indices, cache=policy), calibrate, args.repeats, len(indices), True)
+                 lambda policy: sample_images(pipe, indices, cache=policy), args.repeats, len(indices), True)
 
 
 def dit_s2(args) -> list[dict]:
@@ -138,12 +140,7 @@ def dit_s2(args) -> list[dict]:
             torch.cuda.synchronize()
         return out.cpu()
 
-    def calibrate():
-        recorder = TeaCache(TeaCacheConfig(), record=True)
-        run_fn(recorder)
-        return recorder.fit()
-
-    return bench(f"DiT-S/2 random (32x32x4, ddim{args.dit_steps}, cfg 1.5)", run_fn, calibrate, args.repeats, n, False)
+    return bench(f"DiT-S/2 random (32x32x4, ddim{args.dit_steps}, cfg 1.5)", run_fn, args.repeats, n, False)
 
 
 # Backbones at one common small size (256 tokens, width 192, random weights): what each policy costs and saves on
@@ -230,13 +227,8 @@ def backbones(args) -> list[dict]:
                 torch.cuda.synchronize()
             return out.cpu()
 
-        def calibrate():
-            recorder = TeaCache(TeaCacheConfig(), record=True)
-            run_fn(recorder)
-            return recorder.fit()
-
         rows += bench(f"{name} random ({len(model.blocks)} blocks, width 192, 256 tokens, {solver}{args.backbone_steps})",
-                      run_fn, calibrate, args.repeats, n, False)
+                      run_fn, args.repeats, n, False)
     return rows
 
 
