@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..config import section_kwargs
 from ..errors import ConfigError
 from ..registry import MODELS
-from .layers import Attention, CrossAttention, Mlp, PatchEmbed, TimestepEmbedder, unpatchify
+from .layers import Attention, CrossAttention, Mlp, PatchEmbed, TimestepEmbedder, unpatchify, xavier_init_linears
 from .convert import count_blocks
 from .mamba import SCAN_BACKENDS, DropPath, Mamba, MambaBlock, mamba_fields, rescale_prenorm_residual_
 
@@ -217,11 +217,7 @@ class Dimba(nn.Module):
 
     def initialize_weights(self) -> None:
         """The official order: PixArt's init of every Linear (Mamba's included), then mamba_ssm's rescaling."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)  # this zeroes Mamba's dt_proj bias too, as the official init does
+        xavier_init_linears(self)  # this zeroes Mamba's dt_proj bias too, as the official init does
         pos = sincos_pos_embed(self.hidden_size, self.x_embedder.grid_size, self.pe_interpolation)
         with torch.no_grad():
             self.pos_embed.copy_(torch.from_numpy(pos).float().unsqueeze(0))

@@ -25,6 +25,7 @@ from .layers import (
     get_2d_sincos_pos_embed,
     modulate,
     unpatchify,
+    xavier_init_linears,
 )
 
 # Named sizes from the paper (Table 1): (depth, hidden_size, num_heads). Patch size is chosen separately.
@@ -133,13 +134,7 @@ class DiT(nn.Module):
 
     def initialize_weights(self) -> None:
         # Transformer linears: xavier-uniform weights, zero biases (as in ViT/MAE).
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
+        xavier_init_linears(self)
 
         # Position embedding: fixed 2D sin-cos computed in float64, stored in the parameter dtype.
         pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size)

@@ -107,6 +107,17 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+def xavier_init_linears(module: nn.Module) -> None:
+    """Every nn.Linear inside `module`: xavier-uniform weight, zero bias (ViT/MAE's init, which DiT and the seed
+    papers' official codes apply to the whole model before their special cases). Linears are visited in
+    registration order, as `module.apply` visits them, so seeded initialisations are unchanged."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
     """Fixed 2D sin-cos position embedding (MAE/DiT), float64 array (grid_size**2, embed_dim).
 

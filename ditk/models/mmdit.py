@@ -39,7 +39,7 @@ from ..config import section_kwargs
 from ..errors import ConfigError
 from ..registry import MODELS
 from .convert import count_blocks
-from .layers import FinalLayer, HookPoint, timestep_embedding
+from .layers import FinalLayer, HookPoint, timestep_embedding, xavier_init_linears
 
 # Paper Table 1 = code `constants.build_model`: (double blocks, single blocks, width, RoPE axes_dim).
 FLUXMUSIC_SIZES = {
@@ -304,13 +304,7 @@ class FluxMusic(nn.Module):
         return list(self.blocks[self.depth_double:])
 
     def initialize_weights(self) -> None:
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
+        xavier_init_linears(self)
         for emb in (self.time_in, self.vector_in):
             nn.init.normal_(emb.in_layer.weight, std=0.02)
             nn.init.normal_(emb.out_layer.weight, std=0.02)

@@ -48,6 +48,7 @@ from .layers import (
     get_2d_sincos_pos_embed,
     modulate,
     unpatchify,
+    xavier_init_linears,
 )
 
 # Named sizes of the official code (`DRWKV_models`): (blocks, hidden size); each with patch 2 or 4.
@@ -467,13 +468,7 @@ class DiffusionRWKV(nn.Module):
     def initialize_weights(self) -> None:
         # As the official code: xavier-uniform linears with zero bias everywhere (this overrides RWKV's own
         # `scale_init` hints, which the official model never applies), then the DiT-style special cases.
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
+        xavier_init_linears(self)
         pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size)
         with torch.no_grad():
             self.pos_embed.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
