@@ -3,7 +3,7 @@
 One program owns one sample and a block of channels and walks the sequence twice, keeping RWKV's
 running-maximum state (a, b, o) = (sum e^{...-o} v, sum e^{...-o}, o), as the official CUDA kernel does:
 left to right it stores the state of the tokens before each t, right to left it carries the state of
-the tokens after t and writes y_t. O(T C) work, fp32 state. Gradients are not implemented here: training
+the tokens after t and writes y_t. O(T C) work, fp32 state. An inference kernel, without a backward: training
 uses `ditk.models.rwkv.bi_wkv` (exact autograd), so this kernel only runs under torch.no_grad().
 Tested against the float64 reference through Triton's CPU interpreter (TRITON_INTERPRET=1).
 """
