@@ -10,7 +10,7 @@ import contextlib
 import inspect
 import sys
 from types import SimpleNamespace
-from typing import Optional, Union
+from typing import Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -72,6 +72,7 @@ def sample(
     precision: str = "fp32",
     time_shift_window: int = 0,
     time_shift_cutoff: int = 300,
+    step_hooks: Sequence = (),
 ) -> torch.Tensor:
     """Integrate the reverse process from `noise` (N, C, H, W) to x0 of the same shape.
 
@@ -82,7 +83,9 @@ def sample(
 
     cache: a `ditk.cache` policy (build_policy) applied to this call's model evaluations; it accumulates
     the NFE counts of its report. precision "bf16": autocast the model calls to bfloat16 (CUDA only).
-    time_shift_window > 0: the time-shift sampler (TS-DDIM, see `TimeShift`; solver ddim only)."""
+    time_shift_window > 0: the time-shift sampler (TS-DDIM, see `TimeShift`; solver ddim only).
+
+    step_hooks: objects that steer the loop per step (restoration, editing); see `StepHook`."""
     from diffusers import DDPMScheduler
     from tqdm import tqdm
 
@@ -121,29 +124,64 @@ def sample(
         and scheduler.config.variance_type in ("learned", "learned_range")
     )
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    for hook in step_hooks:
+        if hasattr(hook, "begin"):
+            hook.begin(scheduler)
+    needs_grad = any(getattr(hook, "needs_grad", False) for hook in step_hooks)
     bar = tqdm(scheduler.timesteps, desc=f"{solver} {steps} steps", disable=not progress, file=sys.stderr, leave=False)
     # One cache session per call: fresh cache state, every evaluation of this loop keyed by its index.
     session = cache.session(model, len(scheduler.timesteps)) if cache is not None else contextlib.nullcontext()
     with session:
-        for t in bar:
-            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-            t_rows = scheduler.row_timesteps(x, t) if isinstance(scheduler, TimeShift) else t
-            t_model = objective.scheduler_timestep_to_model_time(t_rows).to(device=device, dtype=torch.float32).expand(n)
-            with amp():
+        for i, t in enumerate(bar):
+            for hook in step_hooks:
+                if hasattr(hook, "step_begin"):
+                    hook.step_begin(i, t, x)
+            # A hook that differentiates through the model (DPS) gets x with requires_grad and an output with a graph.
+            with torch.enable_grad() if needs_grad else contextlib.nullcontext():
+                if needs_grad:
+                    x = x.detach().requires_grad_(True)
+                x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+                t_rows = scheduler.row_timesteps(x, t) if isinstance(scheduler, TimeShift) else t
+                t_model = objective.scheduler_timestep_to_model_time(t_rows).to(device=device, dtype=torch.float32).expand(n)
+                with amp():
+                    if guided:
+                        out = model(torch.cat([x_in, x_in], dim=0), torch.cat([t_model, t_model], dim=0), **model_kwargs)
+                    else:
+                        out = model(x_in, t_model, **model_kwargs)
+                if out.dtype in (torch.bfloat16, torch.float16):
+                    out = out.float()
                 if guided:
-                    out = model(torch.cat([x_in, x_in], dim=0), torch.cat([t_model, t_model], dim=0), **model_kwargs)
-                else:
-                    out = model(x_in, t_model, **model_kwargs)
-            if out.dtype in (torch.bfloat16, torch.float16):
-                out = out.float()
-            if guided:
-                out = guide(out, float(cfg_scale), cfg_channels, channels)
-            if out.shape[1] not in (channels, 2 * channels):
-                raise ValueError(f"model output has {out.shape[1]} channels for a {channels}-channel input")
-            if full_output and out.shape[1] != 2 * channels:
-                raise ValueError(f"the objective learns the variance but the model outputs only {out.shape[1]} channels")
-            x = scheduler.step(out if full_output else out[:, :channels], t, x, **step_kwargs).prev_sample
+                    out = guide(out, float(cfg_scale), cfg_channels, channels)
+                if out.shape[1] not in (channels, 2 * channels):
+                    raise ValueError(f"model output has {out.shape[1]} channels for a {channels}-channel input")
+                if full_output and out.shape[1] != 2 * channels:
+                    raise ValueError(f"the objective learns the variance but the model outputs only {out.shape[1]} channels")
+                for hook in step_hooks:
+                    if hasattr(hook, "model_output"):
+                        out = hook.model_output(i, t, x, out)
+            prev = scheduler.step((out if full_output else out[:, :channels]).detach(), t, x.detach(),
+                                  **step_kwargs).prev_sample
+            for hook in step_hooks:
+                if hasattr(hook, "step_end"):
+                    prev = hook.step_end(i, t, x, out, prev)
+            x = prev.detach()
     return x
+
+
+class StepHook(Protocol):
+    """What a step hook of `sample` may define (every method is optional; the loop calls those that exist).
+
+    begin(scheduler): once, before the first step (the hook reads the time grid / alphas it needs).
+    step_begin(i, t, x): before the model call of step i at scheduler timestep t (e.g. switch an attention
+        injection on or off by step).
+    model_output(i, t, x, out) -> out: the guided model output, before the solver step; return it corrected
+        (e.g. a prediction made consistent with a measurement). With `needs_grad = True` the loop evaluates
+        the model with autograd on, x requiring grad, so the hook can differentiate through the model (DPS).
+    step_end(i, t, x, out, prev) -> prev: the solver's x_{t-1}; return it corrected (a guidance step, a
+        projection). The returned tensor becomes the next x.
+    """
+
+    needs_grad: bool
 
 
 class TimeShift:
