@@ -92,14 +92,23 @@ def atomic_dir(path: str | os.PathLike):
         raise
 
 
-def clean_temp(folder: str | os.PathLike, log=None) -> list[Path]:
+def clean_temp(folder: str | os.PathLike, log=None, older_than: float = 0.0) -> list[Path]:
     """Remove the '.<name>.*.tmp' files and folders that killed atomic writes left in `folder` (not recursive).
-    Only call this where no other process is writing into `folder`. Returns what was removed."""
+    Call it where no other process is writing into `folder` (under a lock), or with `older_than` seconds
+    where one might be (a write in progress is seconds old). Returns what was removed."""
+    import time
+
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
+    now = time.time()
     for p in sorted(folder.glob(".*.tmp")):
+        try:
+            if older_than and now - p.lstat().st_mtime < older_than:
+                continue
+        except FileNotFoundError:
+            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:

@@ -36,6 +36,23 @@ def preset_names(include_hidden: bool = False) -> list[str]:
     return sorted(n for n in _preset_files() if include_hidden or not n.startswith("_"))
 
 
+def preset_description(name: str, width: int = 100) -> str:
+    """The first sentence of a shipped preset's leading comment, cut at `width` characters ('' if none)."""
+    path = _preset_files().get(name)
+    if path is None:
+        return ""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    sentence = text.split(". ")[0].rstrip(".")
+    if len(sentence) > width:
+        sentence = sentence[: width - 1].rsplit(" ", 1)[0].rstrip(",;:(") + "…"
+    return sentence
+
+
 def merge(base: DictConfig, child: DictConfig) -> DictConfig:
     """Merge `child` over `base`. A child that switches a registry section to another entry (say
     `objective.name=rectified-flow` over a DDPM preset) starts that section afresh, since the old

@@ -54,6 +54,9 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:06d}"
 
 
+_SAID: set = set()
+
+
 def is_main_rank() -> bool:
     """Rank 0 of a torchrun/accelerate launch (or a plain process). It holds the run's lock for the group."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -124,6 +127,8 @@ class RunDir:
             if problem is None:
                 return self.checkpoints / named
             note = f"checkpoints/latest names {named}, which is damaged ({problem})"
+        elif named is not None and CHECKPOINT_RE.fullmatch(named):
+            note = f"checkpoints/latest names {named}, which does not exist"
         elif named is not None:
             shown = named if len(named) < 40 and named.isprintable() else "something unreadable"
             note = f"checkpoints/latest names {shown or 'nothing'}, which is not a checkpoint of this run"
@@ -135,7 +140,10 @@ class RunDir:
                 continue
             problem = verify_checkpoint(ckpt)
             if problem is None:
-                log(f"{note}: using {ckpt.name}, the newest checkpoint that verifies")
+                said = f"{note}: using {ckpt.name}, the newest checkpoint that verifies"
+                if (self.path, said) not in _SAID:  # once per process (a command may resolve the run twice)
+                    _SAID.add((self.path, said))
+                    log(said)
                 return ckpt
             problems.append(f"{ckpt.name}: {problem}")
         if note and found:
