@@ -37,6 +37,7 @@ class Pipeline:
     source: str = ""
     run_dir: Optional[Path] = None  # None for bare weights
     policy: object = None  # the ditk.cache policy, built on first use (ditk.cache.pipeline.policy_for)
+    checkpoint: Optional[Path] = None  # the run's checkpoint the weights came from (verified)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -90,7 +91,8 @@ def load_pipeline(source: str, preset: Optional[str] = None, overrides: Sequence
     conditioner = build_conditioner(cfg, num_classes, class_names, model=model)
     if getattr(conditioner, "unconditional", False):  # model.num_classes=0: no guidance, no class labels
         conditioner.check_sample_settings(cfg.sample)
-    return Pipeline(cfg, model, objective, autoencoder, conditioner, dev, label, run_dir=run_dir)
+    return Pipeline(cfg, model, objective, autoencoder, conditioner, dev, label, run_dir=run_dir,
+                    checkpoint=ckpt if run_dir is not None else None)
 
 
 def modality(cfg: DictConfig) -> str:
@@ -350,6 +352,8 @@ def default_out_dir(pipe: Pipeline, source: str, duration: Optional[float] = Non
     if others:
         tag += "-" + hashlib.sha1(json.dumps(others, sort_keys=True).encode()).hexdigest()[:6]
     path = Path(source)
+    if pipe.checkpoint is not None and pipe.run_dir is not None:  # the checkpoint load_pipeline chose
+        return pipe.run_dir / "generated" / f"{pipe.checkpoint.name}-{tag}"
     if (path / "config.yaml").is_file() or (path / "state.pt").is_file():
         run_dir, ckpt = resolve_checkpoint(path)
         return run_dir / "generated" / f"{ckpt.name}-{tag}"

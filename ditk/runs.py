@@ -54,9 +54,6 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:06d}"
 
 
-_SAID: set = set()
-
-
 def is_main_rank() -> bool:
     """Rank 0 of a torchrun/accelerate launch (or a plain process). It holds the run's lock for the group."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -109,10 +106,10 @@ class RunDir:
             return []
         return sorted(p for p in self.checkpoints.iterdir() if CHECKPOINT_RE.fullmatch(p.name) and p.is_dir())
 
-    def latest_checkpoint(self) -> Optional[Path]:
+    def latest_checkpoint(self, say: bool = True) -> Optional[Path]:
         """The checkpoint to resume or sample from: the one `latest` names if it verifies, else the newest one
-        that verifies (said on stderr). None when the run has no checkpoint; a DitkError when it has
-        checkpoints but none verifies (never a silent fresh start over existing checkpoints)."""
+        that verifies (said on stderr unless say=False). None when the run has no checkpoint; a DitkError when
+        it has checkpoints but none verifies (never a silent fresh start over existing checkpoints)."""
         found = self.list_checkpoints()
         pointer = self.checkpoints / "latest"
         named = None
@@ -140,17 +137,15 @@ class RunDir:
                 continue
             problem = verify_checkpoint(ckpt)
             if problem is None:
-                said = f"{note}: using {ckpt.name}, the newest checkpoint that verifies"
-                if (self.path, said) not in _SAID:  # once per process (a command may resolve the run twice)
-                    _SAID.add((self.path, said))
-                    log(said)
+                if say:
+                    log(f"{note}: using {ckpt.name}, the newest checkpoint that verifies")
                 return ckpt
             problems.append(f"{ckpt.name}: {problem}")
         if note and found:
             raise DitkError(f"run {self.path} has {len(found)} checkpoint(s) but none verifies ({note}"
                             f"{'; ' + problems[0] if problems else ''}): restore them from a backup, or set "
                             f"run.name=<new name> to start a new run")
-        if note:
+        if note and say:
             log(f"{note} and the run has no checkpoint folder")
         return None
 

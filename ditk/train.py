@@ -296,13 +296,14 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
             window_steps += 1
         if step % tc.log_every == 0 or step == tc.max_steps:
             elapsed = time.perf_counter() - window_start
-            record = {"step": step, "loss": window_loss / max(window_steps, 1), "lr": lr_scheduler.get_last_lr()[0],
+            record = {"step": step, "loss": window_loss / window_steps if window_steps else None,  # None: all skipped
+                      "lr": lr_scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "images_per_sec": window_steps * tc.global_batch_size / elapsed}
             if tc.skip_nonfinite:
                 record["skipped_steps"] = skipped
             if accelerator.is_main_process:
                 run.append_metrics(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "skipped")
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
 
         stop = torch.tensor(float(preempt.signum is not None), device=device)
@@ -322,8 +323,9 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
     return EXIT_OK
 
 
-# Keys that may change when a run is resumed (they do not change what is computed at a given step).
-RESUMABLE_KEYS = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.sample_every",
+# Keys that may change when a run is resumed (they do not change what is computed at a given step; run.dir and
+# run.name change when a run directory is moved or copied).
+RESUMABLE_KEYS = {"run.dir", "run.name", "train.max_steps", "train.log_every", "train.ckpt_every", "train.sample_every",
                   "train.keep_last", "train.num_workers", "train.skip_nonfinite", "sample"}
 
 
@@ -341,6 +343,7 @@ def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None) -> Dic
     if run.config.is_file() and run.list_checkpoints():
         if resume is False:
             raise ConfigError(f"run directory {run_path} already exists: resume it (drop --no-resume), or set run.name=<new name>")
+        run.latest_checkpoint(say=False)  # none verifies: one line now, before anything (config.yaml) is rewritten
         from .config import load_run_config, read_config_file
 
         try:  # a key added to a schema since the run was made reads as its default, i.e. what the run was made with
