@@ -10,7 +10,7 @@ SHORTCUTS = {"solver": "sample.solver", "steps": "sample.steps", "cfg_scale": "s
 
 
 @click.command("evaluate-fid")
-@click.argument("inputs", nargs=-1, metavar="[GEN] [REF]", type=click.Path())
+@click.argument("inputs", nargs=-1, metavar="[GEN] [REF] [KEY=VALUE]...", type=click.Path())
 @click.option("--extractor", default="auto", show_default=True,
               help="Feature extractor: inception (the FID standard) or digits (for 8x8 digits); auto = digits with "
                    "--run on a run trained on digits, inception otherwise.")
@@ -25,9 +25,12 @@ SHORTCUTS = {"solver": "sample.solver", "steps": "sample.steps", "cfg_scale": "s
               help="Reference-statistics cache (default: $DITK_CACHE_DIR/fid-stats or ~/.cache/ditk/fid-stats).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the reference-statistics cache.")
 @click.option("--kid/--no-kid", default=True, show_default=True, help="Also compute KID (needs features on both sides).")
-@click.option("--kid-subsets", type=click.IntRange(1), default=100, show_default=True)
-@click.option("--kid-subset-size", type=click.IntRange(2), default=1000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the KID subsets and of --run's samples.")
+@click.option("--kid-subsets", type=click.IntRange(1), default=100, show_default=True,
+              help="KID: number of random subsets averaged.")
+@click.option("--kid-subset-size", type=click.IntRange(2), default=1000, show_default=True,
+              help="KID: images per subset (capped at the smaller set's size).")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
+              help="Seed of the KID subsets and of --run's samples.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per feature batch.")
 @click.option("--workers", type=click.IntRange(0),
               help="Resize worker processes (default: 0 below 1000 images, else up to 8).")
@@ -36,11 +39,13 @@ SHORTCUTS = {"solver": "sample.solver", "steps": "sample.steps", "cfg_scale": "s
 @click.option("--num", type=click.IntRange(2), help="With --run: number of images to sample.")
 @click.option("--samples-dir", type=click.Path(file_okay=False),
               help="With --run: where samples go (default: <run>/generated/<ckpt>-<settings>); rerun to resume.")
-@click.option("--sample-batch-size", type=click.IntRange(1), default=64, show_default=True, help="With --run.")
+@click.option("--sample-batch-size", type=click.IntRange(1), default=64, show_default=True,
+              help="With --run: images per sampling forward pass (does not change the images).")
 @click.option("--solver", help="With --run: override the preset's solver.")
-@click.option("--steps", type=int, help="With --run: override the preset's number of steps.")
-@click.option("--cfg-scale", type=float, help="With --run: override the preset's guidance scale.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="With --run: any config override (repeatable).")
+@click.option("--steps", type=click.IntRange(1), help="With --run: override the preset's number of steps.")
+@click.option("--cfg-scale", type=click.FloatRange(0), help="With --run: override the preset's guidance scale.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Deprecated alias of a positional KEY=VALUE override (with --run).")
 @click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
 @click.option("--modality", type=click.Choice(["image", "audio"]), default="image", show_default=True,
               help="audio: Fréchet audio distance (FAD) of folders of audio files, embedded by --features.")
@@ -84,8 +89,8 @@ def command(inputs, extractor, mode, weights_dir, out, save_stats, cache_dir, no
 
     \b
     --run RUN --num N samples N images (classes uniform, none for an unconditional run; the preset's
-    solver and guidance unless --solver/--steps/--cfg-scale/--set override them; resumable) and compares
-    them with the run's training data set, or with REF if given.
+    solver and guidance unless --solver/--steps/--cfg-scale or KEY=VALUE overrides such as sample.solver=ddim
+    change them; resumable) and compares them with the run's training data set, or with REF if given.
 
     \b
     --modality audio: GEN and REF are folders of audio files (wav, flac, ogg, ...) or statistics files; each
@@ -98,13 +103,17 @@ def command(inputs, extractor, mode, weights_dir, out, save_stats, cache_dir, no
     """
     import time
 
+    from pathlib import Path
+
     from ditk.errors import DitkError
 
-    inputs = list(inputs)
+    # KEY=VALUE overrides are positional, as in every ditk command (an existing path with '=' stays an input).
+    sets = [*(a for a in inputs if "=" in a and not Path(a).exists()), *sets]
+    inputs = [a for a in inputs if not ("=" in a and not Path(a).exists())]
     progress = not no_progress
     if modality == "audio":
         given = [name for name, used in (("--run", run_dir), ("--num", num), ("--samples-dir", samples_dir),
-                                         ("--set", sets), ("--extractor", extractor != "auto"),
+                                         ("KEY=VALUE", sets), ("--extractor", extractor != "auto"),
                                          ("--mode", mode != "clean"), ("--weights-dir", weights_dir),
                                          ("--workers", workers is not None))
                  if used] + [f"--{k.replace('_', '-')}" for k, v in shortcuts.items() if v is not None]
@@ -137,7 +146,8 @@ def command(inputs, extractor, mode, weights_dir, out, save_stats, cache_dir, no
         raise DitkError("--features applies to --modality audio; images are embedded by --extractor")
     if run_dir is None:
         if num is not None or samples_dir is not None or sets or any(v is not None for v in shortcuts.values()):
-            raise DitkError("--num, --samples-dir, --solver, --steps, --cfg-scale and --set only apply with --run RUN")
+            raise DitkError("--num, --samples-dir, --solver, --steps, --cfg-scale and KEY=VALUE overrides only apply "
+                            "with --run RUN")
         if len(inputs) == 1 and not save_stats:
             raise DitkError("one input given: pass GEN and REF, or one input with --save-stats to write its statistics")
         if len(inputs) not in (1, 2):

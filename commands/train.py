@@ -24,15 +24,30 @@ def command(preset, overrides, run_dir, resume, no_progress):
       ditk train dit-xl-2 data.path=/data/imagenet/train autoencoder.path=/models/sd-vae-ft-ema
       torchrun --nproc_per_node 8 -m ditk train dit-b-2 ...   (DDP through accelerate)
 
-    Prints the run directory on stdout when done. Exit 75 when pre-empted (SIGTERM/SIGUSR1): a
-    checkpoint was saved and the same command resumes the run.
+    Prints the run directory on stdout when done. Exit 75 when pre-empted (SIGTERM/SIGUSR1) and 130 on
+    Ctrl-C: a checkpoint was saved and the same command resumes the run. Exit 1 when the loss or the
+    gradient norm is not finite (nothing of that step is saved). One process owns a run directory at a time.
     """
     from ditk.config import resolve
+
+    cfg = resolve(preset, overrides)  # a bad preset, key or value is reported before the training runtime loads
+    path = Path(run_dir) if run_dir else Path(cfg.run.dir) / cfg.run.name
+    from ditk.runs import RunDir, is_main_rank
     from ditk.train import prepare_run_dir, train
 
-    cfg = resolve(preset, overrides)
-    path = Path(run_dir) if run_dir else Path(cfg.run.dir) / cfg.run.name
-    cfg = prepare_run_dir(cfg, path, resume)
-    code = train(cfg, path, progress=not no_progress)
+    run = RunDir(path)
+    created = not path.exists()
+    with run.lock():
+        try:
+            cfg = prepare_run_dir(cfg, path, resume)
+            code = train(cfg, path, progress=not no_progress)
+        except BaseException:
+            # A run that fails before its first step (a bad data.path, ...) leaves nothing behind to block the
+            # corrected command (and one with steps but no checkpoint is started afresh by prepare_run_dir).
+            if created and is_main_rank() and not run.list_checkpoints() and not run.metrics.is_file():
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)
+            raise
     click.echo(str(path))
     sys.exit(code)

@@ -42,21 +42,33 @@ def cli():
     Every command reads a preset (a name from `ditk presets list` or a YAML path) and takes
     key=value overrides. Results go to stdout, progress and logs to stderr.
 
-    Exit codes: 0 ok, 1 unexpected failure, 2 bad input, 75 pre-empted (checkpoint saved; requeue).
+    Exit codes: 0 ok, 1 failure (a traceback, or one line for a failed run), 2 bad input (one line),
+    75 pre-empted (checkpoint saved; requeue), 130 interrupted (training: checkpoint saved).
     """
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv=None):
+    """Run the CLI. Every error is one line on stderr: `error: ...`, exit 2 for bad input (click's usage errors
+    included, converted here so that every command, present and future, has one error style) and 1 for a
+    run that failed (DitkError.exit_code)."""
     try:
         cli.main(args=argv, prog_name="ditk", standalone_mode=False)
     except DitkError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_USAGE)
+        click.echo(f"error: {_one_line(e)}", err=True)
+        sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:  # a missing argument, an unknown option, a value out of range, ...
+        where = e.ctx.command_path if e.ctx is not None else "ditk"
+        click.echo(f"error: {_one_line(e.format_message())} (see `{where} --help`)", err=True)
+        sys.exit(EXIT_USAGE)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"error: {_one_line(e.format_message())}", err=True)
         sys.exit(EXIT_USAGE if e.exit_code == 2 else e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

@@ -36,6 +36,23 @@ def preset_names(include_hidden: bool = False) -> list[str]:
     return sorted(n for n in _preset_files() if include_hidden or not n.startswith("_"))
 
 
+def preset_description(name: str, width: int = 100) -> str:
+    """The first sentence of a shipped preset's leading comment, cut at `width` characters ('' if none)."""
+    path = _preset_files().get(name)
+    if path is None:
+        return ""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    sentence = text.split(". ")[0].rstrip(".")
+    if len(sentence) > width:
+        sentence = sentence[: width - 1].rsplit(" ", 1)[0].rstrip(",;:(") + "…"
+    return sentence
+
+
 def merge(base: DictConfig, child: DictConfig) -> DictConfig:
     """Merge `child` over `base`. A child that switches a registry section to another entry (say
     `objective.name=rectified-flow` over a DDPM preset) starts that section afresh, since the old
@@ -176,12 +193,39 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
+def read_config_file(path: str | Path) -> DictConfig:
+    """A run's config.yaml, unvalidated. A file that is not YAML, is empty or is not a mapping of sections
+    (damaged, truncated, edited by hand) is one ConfigError line naming the file and where a copy lives."""
+    path = Path(path)
+    copies = sorted(path.parent.glob("checkpoints/step-*/run-config.yaml"))
+    fix = (f"restore it from the copy {copies[-1]}" if copies else
+           "restore it (or re-create it with `ditk presets show PRESET KEY=VALUE...`)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is damaged (not valid YAML: {str(e).splitlines()[0]}): {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read ({type(e).__name__}): {fix}") from None
+    if not isinstance(raw, dict) or not raw:
+        what = "empty" if not raw else f"a {type(raw).__name__}, not a mapping of sections"
+        raise ConfigError(f"{path} is damaged ({what}): {fix}")
+    # ditk writes every section; a file cut short loses the last ones (a default would silently stand in)
+    # (conditioner, the newest section, may be absent from runs made before it existed)
+    missing = [s for s in (*FIXED_SECTIONS, *REGISTRY_SECTIONS) if s != "conditioner" and not isinstance(raw.get(s), dict)]
+    if missing:
+        raise ConfigError(f"{path} is damaged or truncated (no '{missing[0]}' section): {fix}")
+    try:
+        return OmegaConf.create(raw)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path} is damaged ({str(e).splitlines()[0]}): {fix}") from None
+
+
 def load_run_config(run_dir: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
     """The resolved config a run was created with (runs/<name>/config.yaml), validated again."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"'{run_dir}' is not a ditk run directory (no config.yaml): pass runs/<name> as written by `ditk train`")
-    return validate(merge(OmegaConf.load(path), parse_overrides(overrides)), allow_missing=("data",))
+    return validate(merge(read_config_file(path), parse_overrides(overrides)), allow_missing=("data",))
 
 
 _CASTS = {"int": int, "float": float, "bool": bool, "str": str}

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from .build import build_autoencoder, build_conditioner, build_model, build_objective, check_model_objective, latent_shape
 from .config import load_run_config, resolve
 from .errors import ConfigError
+from .atomic import clean_temp
 from .runs import load_weights, resolve_checkpoint, save_json
 
 
@@ -36,6 +37,7 @@ class Pipeline:
     source: str = ""
     run_dir: Optional[Path] = None  # None for bare weights
     policy: object = None  # the ditk.cache policy, built on first use (ditk.cache.pipeline.policy_for)
+    checkpoint: Optional[Path] = None  # the run's checkpoint the weights came from (verified)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -75,7 +77,10 @@ def load_pipeline(source: str, preset: Optional[str] = None, overrides: Sequence
         raise ConfigError(getattr(objective, "why_no_solvers", f"objective '{objective.name}' has nothing to sample"))
     check_model_objective(model, objective, cfg)
     if state_dict is not None:
-        model.load_state_dict(state_dict)
+        from .models.convert import load_state_dict_checked
+
+        # weights that disagree with config.yaml (an edited depth, ...) are one line naming the key
+        load_state_dict_checked(model, state_dict, str(ckpt / f"{weights}.safetensors"))
     else:
         from .models.convert import load_pretrained
 
@@ -86,7 +91,8 @@ def load_pipeline(source: str, preset: Optional[str] = None, overrides: Sequence
     conditioner = build_conditioner(cfg, num_classes, class_names, model=model)
     if getattr(conditioner, "unconditional", False):  # model.num_classes=0: no guidance, no class labels
         conditioner.check_sample_settings(cfg.sample)
-    return Pipeline(cfg, model, objective, autoencoder, conditioner, dev, label, run_dir=run_dir)
+    return Pipeline(cfg, model, objective, autoencoder, conditioner, dev, label, run_dir=run_dir,
+                    checkpoint=ckpt if run_dir is not None else None)
 
 
 def modality(cfg: DictConfig) -> str:
@@ -231,9 +237,15 @@ def fill_folder(pipe: Pipeline, out_dir: Path, folder: Path, suffix: str, write_
     from tqdm import tqdm
 
     sc = pipe.cfg.sample
+    for key in ("num", "batch_size"):
+        if sc[key] < 1:
+            raise ConfigError(f"sample.{key}={sc[key]}: it must be at least 1 (--{key.replace('_', '-')} N)")
     folder.mkdir(parents=True, exist_ok=True)
-    _check_same_settings(out_dir, pipe, extra_settings, noun)
+    _check_same_settings(out_dir, pipe, extra_settings, noun, folder)
+    clean_temp(folder, older_than=600)  # leftovers of writes a killed `ditk sample` interrupted (not in progress)
     todo = [i for i in range(sc.num) if not (folder / f"{i:06d}{suffix}").is_file()]
+    if suffix == ".png":
+        _check_images(folder, [i for i in range(sc.num) if i not in set(todo)])
     if len(todo) < sc.num:
         print(f"[ditk] resuming: {sc.num - len(todo)} of {sc.num} {noun} already in {folder}", file=sys.stderr)
     if torch.cuda.is_available():
@@ -249,20 +261,49 @@ def fill_folder(pipe: Pipeline, out_dir: Path, folder: Path, suffix: str, write_
     return todo, time.perf_counter() - start
 
 
-def _check_same_settings(out_dir: Path, pipe: Pipeline, extra: Optional[dict] = None, noun: str = "images") -> None:
-    """Images (clips) already in out_dir are reused only if they were made with the same source and settings
-    (`extra`: settings that are not in the sample section, e.g. an audio clip's duration)."""
+def _image_settings(pipe: Pipeline, extra: Optional[dict] = None) -> dict:
+    """Every setting that changes image i: the source (run, checkpoint, ema/model) and the sample section,
+    less num, batch_size and grid_scale (`extra`: settings outside it, e.g. an audio clip's duration)."""
     settings = {"source": pipe.source, **(extra or {}), **_plain(pipe.cfg.sample)}
     for key in ("num", "batch_size", "grid_scale"):  # these do not change image i
         settings.pop(key)
+    return json.loads(json.dumps(settings))
+
+
+def _check_same_settings(out_dir: Path, pipe: Pipeline, extra: Optional[dict] = None, noun: str = "images",
+                         folder: Optional[Path] = None) -> None:
+    """Images (clips) already in out_dir are reused only if they were made with the same source and settings.
+    settings.json only binds a folder that holds some: a command that failed before its first image leaves
+    nothing that refuses the corrected one."""
+    settings = _image_settings(pipe, extra)
     path = out_dir / "settings.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(settings)):
+    holds = folder is None or any(p.is_file() and not p.name.startswith(".") for p in folder.iterdir())
+    if path.is_file() and holds:
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            raise ConfigError(f"{path} is damaged (not JSON): delete {out_dir} or pass another --out") from None
+        if old != settings:
             changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise ConfigError(f"{out_dir} holds {noun} made with other settings ({', '.join(changed)} differ): pass another --out")
+            shown = ", ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in changed[:3])
+            raise ConfigError(f"{out_dir} holds {noun} made with other settings ({shown}): pass another --out")
     else:
         save_json(path, settings)
+
+
+def _check_images(folder: Path, indices: Sequence[int]) -> None:
+    """The PNGs an interrupted run left must be whole before they are reused (a truncated or damaged file would
+    otherwise stop the final .npz): one line naming the first bad one."""
+    from PIL import Image
+
+    for i in indices:
+        path = folder / f"{i:06d}.png"
+        try:
+            with Image.open(path) as im:
+                im.verify()  # reads every chunk and checks its CRC: a truncated or bit-flipped PNG fails
+        except Exception as e:
+            raise ConfigError(f"{path} is damaged ({type(e).__name__}): delete it and rerun, which regenerates "
+                              f"the missing images") from None
 
 
 def _plain(section) -> dict:
@@ -283,14 +324,36 @@ def prompt_tag(prompt: str, max_chars: int = 40) -> str:
     return f"{words}-{digest}" if words else f"prompt-{digest}"
 
 
+# Sample settings the default folder name spells out; any other one that differs from its default adds a hash.
+_NAMED = ("solver", "steps", "cfg_scale", "seed", "cache", "time_shift_window", "prompt", "class_labels",
+          "num", "batch_size", "grid_scale")
+
+
 def default_out_dir(pipe: Pipeline, source: str, duration: Optional[float] = None) -> Path:
+    """<run>/generated/<ckpt>-<settings>: the name carries every setting that changes the images, so two
+    commands that differ in one never meet in one folder (readable for the common ones, a hash for the rest)."""
+    import dataclasses
+    import hashlib
+
+    from .schema import SampleConfig
+
     sc = pipe.cfg.sample
     tag = f"{sc.solver}{sc.steps}-cfg{sc.cfg_scale:g}-seed{sc.seed}"
     tag += f"-{duration:g}s" if duration else ""
     tag += f"-{sc.cache}" if sc.cache != "none" else ""
     tag += f"-ts{sc.time_shift_window}" if sc.time_shift_window else ""
     tag += f"-{prompt_tag(sc.prompt)}" if sc.prompt else ""
+    if not sc.prompt and sc.class_labels != "uniform" and not getattr(pipe.conditioner, "unconditional", False):
+        tag += f"-labels-{prompt_tag(str(sc.class_labels), 24)}"
+    tag += "-model" if pipe.source.endswith("/model") else ""  # --weights model (the EMA is the default)
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(SampleConfig)}
+    others = {k: v for k, v in _plain(sc).items() if k not in _NAMED and v != defaults.get(k)}
+    if others:
+        tag += "-" + hashlib.sha1(json.dumps(others, sort_keys=True).encode()).hexdigest()[:6]
     path = Path(source)
+    if pipe.checkpoint is not None and pipe.run_dir is not None:  # the checkpoint load_pipeline chose
+        return pipe.run_dir / "generated" / f"{pipe.checkpoint.name}-{tag}"
     if (path / "config.yaml").is_file() or (path / "state.pt").is_file():
         run_dir, ckpt = resolve_checkpoint(path)
         return run_dir / "generated" / f"{ckpt.name}-{tag}"

@@ -41,6 +41,7 @@ class TrainConfig:
     precompute_latents: bool = False  # encode the dataset once with the autoencoder (fast-DiT)
     allow_tf32: bool = True
     init_from: str = ""  # start a fresh run from these weights: a ditk run/checkpoint (EMA), .pt, .safetensors, diffusers folder
+    skip_nonfinite: int = 0  # skip up to N steps whose loss or gradient norm is NaN/inf (0: stop at the first, exit 1)
 
 
 @dataclass

@@ -22,8 +22,8 @@ from omegaconf import DictConfig
 from .build import (build_autoencoder, build_conditioner, build_dataset, build_model, build_objective,
                     check_model_data, check_model_objective, latent_shape)
 from .config import section_obj, to_yaml
-from .errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
-from .runs import RunDir, load_state, load_weights, save_checkpoint, save_json
+from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, ConfigError, RunFailed
+from .runs import RunDir, is_main_rank, load_state, load_weights, save_checkpoint, save_json
 from .atomic import write_text
 
 
@@ -58,15 +58,29 @@ def auxiliary_loss(model: torch.nn.Module):
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 (Slurm's pre-emption and time-limit signals) ask the loop to checkpoint and stop."""
+    """SIGTERM / SIGUSR1 (Slurm's pre-emption and time-limit signals) and SIGINT (Ctrl-C) ask the loop to
+    checkpoint at the end of the current step and stop: exit 75 (requeue me) or 130 (interrupted). A second
+    Ctrl-C stops at once without saving. `restore()` puts the previous handlers back."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.signum = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
 
     def _handler(self, signum, frame):
         self.signum = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt now
+            log("interrupted: saving a checkpoint at the end of this step (Ctrl-C again to stop without saving)")
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.signum == signal.SIGINT else EXIT_PREEMPTED
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _rng_state() -> dict:
@@ -92,7 +106,16 @@ def _build_data(cfg: DictConfig, run: RunDir, autoencoder, device, accelerator):
 
 
 def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
-    """Train (or resume) the run at `run_path`. Returns an exit code (0, or EXIT_PREEMPTED)."""
+    """Train (or resume) the run at `run_path`. Returns an exit code (0, EXIT_PREEMPTED or EXIT_INTERRUPTED).
+    Raises RunFailed (exit 1) when a step's loss or gradient norm is not finite (see train.skip_nonfinite)."""
+    preempt = Preemption()
+    try:
+        return _train(cfg, run_path, progress, preempt)
+    finally:
+        preempt.restore()
+
+
+def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption) -> int:
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
     from tqdm import tqdm
@@ -115,7 +138,7 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
         torch.backends.cudnn.allow_tf32 = True
 
     run = RunDir(run_path)
-    preempt = Preemption()
+    ckpt = run.latest_checkpoint()  # verified; falls back past a damaged one (and says so)
     log(f"{world} process(es) on {device}, {micro} images per micro-batch, mixed precision: {tc.mixed_precision}")
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
@@ -134,7 +157,7 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
             conditioner.check_sample_settings(cfg.sample)
     if accelerator.is_main_process and class_names:
         save_json(run.path / "classes.json", class_names)  # lets `ditk sample --class-labels seven` work
-    if tc.init_from and run.latest_checkpoint() is None:  # a fresh run starts there; a resumed one from its checkpoint
+    if tc.init_from and ckpt is None:  # a fresh run starts there; a resumed one from its checkpoint
         from .models.convert import load_initial_weights
 
         load_initial_weights(model, tc.init_from)
@@ -151,37 +174,45 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
     lr_scheduler = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                                  num_training_steps=tc.max_steps)
 
-    start_step = 0
-    ckpt = run.latest_checkpoint()
+    start_step, state = 0, {}
     if ckpt is not None:
+        from .models.convert import load_state_dict_checked
+
         state = load_state(ckpt)
-        model.load_state_dict(load_weights(ckpt, "model"))
+        # A config.yaml edited since (another depth, width, ...) is one line naming the key, not a traceback.
+        load_state_dict_checked(model, load_weights(ckpt, "model"), str(ckpt / "model.safetensors"))
         if uses_ema:
-            ema.load_state_dict(load_weights(ckpt, "ema"))
+            load_state_dict_checked(ema, load_weights(ckpt, "ema"), str(ckpt / "ema.safetensors"))
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
         start_step = int(state["step"])
         log(f"resuming {run.path} from {ckpt.name}")
-        if accelerator.is_main_process:
-            run.truncate_metrics(start_step)
+    if accelerator.is_main_process:  # drop records logged after the checkpoint (or all, if there is none)
+        run.truncate_metrics(start_step)
     ema.to(device)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
     sampler = ResumableBatchSampler(len(dataset), tc.global_batch_size, cfg.run.seed, start_step=start_step,
                                     rank=rank, world_size=world, with_epoch=hasattr(dataset, "set_epoch"))
+    # The loader's own generator: iter(loader) draws its workers' base seed from it, not from the global RNG.
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=tc.num_workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=tc.num_workers > 0)
+                                         pin_memory=device.type == "cuda", persistent_workers=tc.num_workers > 0,
+                                         generator=torch.Generator().manual_seed(cfg.run.seed))
     batches = iter(loader)
+    if state:  # the global RNG last, once nothing else will draw from it before the first step
+        torch.set_rng_state(state["rng"]["torch"])
     input_shape = latent_shape(raw_model)
     drop_p = float(getattr(cfg.model, "class_dropout_prob", 0.0))
 
     def save(step: int) -> None:
         if accelerator.is_main_process:
             state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                     "rng": _rng_state(), "data": {"seed": cfg.run.seed, "global_batch_size": tc.global_batch_size}}
-            path = save_checkpoint(run, step, raw_model.state_dict(), ema.state_dict(), state, tc.keep_last)
+                     "rng": _rng_state(), "data": {"seed": cfg.run.seed, "global_batch_size": tc.global_batch_size},
+                     # the running-loss window, so the first record after a resume equals the uninterrupted run's
+                     "log_window": {"loss_sum": window_loss, "steps": window_steps}, "nonfinite_skipped": skipped}
+            path = save_checkpoint(run, step, raw_model.state_dict(), ema.state_dict(), state, tc.keep_last,
+                                   files={"run-config.yaml": to_yaml(cfg)})
             log(f"saved {path}")
         accelerator.wait_for_everyone()
 
@@ -197,6 +228,9 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (progress and accelerator.is_main_process),
                desc="train", file=sys.stderr, dynamic_ncols=True)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    window_loss = float(state.get("log_window", {}).get("loss_sum", 0.0))
+    window_steps = int(state.get("log_window", {}).get("steps", 0))
+    skipped = int(state.get("nonfinite_skipped", 0))
     model.train()
     while step < tc.max_steps:
         images, labels = next(batches)
@@ -230,26 +264,46 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
                 accelerator.backward(loss)
             step_loss += loss.detach().float() / tc.grad_accum_steps
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        # The same on every process: the loss is averaged over them and the gradient norm is global.
+        loss_value = accelerator.reduce(step_loss.to(device), "mean").item()
+        finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
+        if not finite:
+            if skipped >= tc.skip_nonfinite:
+                bar.close()
+                last = run.latest_checkpoint() if accelerator.is_main_process else None
+                raise RunFailed(
+                    f"step {step + 1}: loss {loss_value}, gradient norm {float(grad_norm)} (not finite): stopped "
+                    f"without saving this step; the last checkpoint is {last.name if last else 'none'}. Lower optim.lr, "
+                    f"set train.grad_clip, or let ditk skip such steps with train.skip_nonfinite=N")
+            skipped += 1
+            log(f"step {step + 1}: loss {loss_value}, gradient norm {float(grad_norm)}: step skipped "
+                f"({skipped} of at most train.skip_nonfinite={tc.skip_nonfinite})")
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()  # the schedule is a function of the step, skipped or not
         decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
-        if uses_ema:
+        if uses_ema and finite:
             update_ema(ema, raw_model, decay)
         if hasattr(objective, "end_step"):  # e.g. A-JEPA's momentum update of its target encoder
             objective.end_step(raw_model, step, tc.max_steps)
         step += 1
         bar.update(1)
 
-        window_loss += accelerator.reduce(step_loss.to(device), "mean").item()
-        window_steps += 1
+        if finite:
+            window_loss += loss_value
+            window_steps += 1
         if step % tc.log_every == 0 or step == tc.max_steps:
             elapsed = time.perf_counter() - window_start
-            record = {"step": step, "loss": window_loss / window_steps, "lr": lr_scheduler.get_last_lr()[0],
+            record = {"step": step, "loss": window_loss / window_steps if window_steps else None,  # None: all skipped
+                      "lr": lr_scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "images_per_sec": window_steps * tc.global_batch_size / elapsed}
+            if tc.skip_nonfinite:
+                record["skipped_steps"] = skipped
             if accelerator.is_main_process:
                 run.append_metrics(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "skipped")
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
 
         stop = torch.tensor(float(preempt.signum is not None), device=device)
@@ -258,8 +312,9 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
             save(step)
         if stop:
             bar.close()
-            log(f"pre-empted at step {step}: checkpoint saved; rerun the same command to resume (exit {EXIT_PREEMPTED})")
-            return EXIT_PREEMPTED
+            what = "interrupted" if preempt.exit_code == EXIT_INTERRUPTED else "pre-empted"
+            log(f"{what} at step {step}: checkpoint saved; rerun the same command to resume (exit {preempt.exit_code})")
+            return preempt.exit_code
         if tc.sample_every and step % tc.sample_every == 0 and step != tc.max_steps:
             sample_grid(step)
     bar.close()
@@ -268,28 +323,33 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
     return EXIT_OK
 
 
-# Keys that may change when a run is resumed (they do not change what is computed at a given step).
-RESUMABLE_KEYS = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.sample_every",
-                  "train.keep_last", "train.num_workers", "sample"}
+# Keys that may change when a run is resumed (they do not change what is computed at a given step; run.dir and
+# run.name change when a run directory is moved or copied).
+RESUMABLE_KEYS = {"run.dir", "run.name", "train.max_steps", "train.log_every", "train.ckpt_every", "train.sample_every",
+                  "train.keep_last", "train.num_workers", "train.skip_nonfinite", "sample"}
 
 
 def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None) -> DictConfig:
     """Create the run dir, or check that an existing one may be resumed with this config.
 
+    A run directory without a checkpoint (a command that failed or was killed before its first checkpoint)
+    holds nothing to resume: it is started afresh with the new config rather than blocking it.
     Returns the config to train with: on resume, the saved config updated with the resumable keys.
     """
     from omegaconf import OmegaConf
 
     run = RunDir(run_path)
-    if run.config.is_file():
+    write = is_main_rank()  # under torchrun rank 0 writes; the other ranks only check
+    if run.config.is_file() and run.list_checkpoints():
         if resume is False:
             raise ConfigError(f"run directory {run_path} already exists: resume it (drop --no-resume), or set run.name=<new name>")
-        from .config import load_run_config
+        run.latest_checkpoint(say=False)  # none verifies: one line now, before anything (config.yaml) is rewritten
+        from .config import load_run_config, read_config_file
 
         try:  # a key added to a schema since the run was made reads as its default, i.e. what the run was made with
             saved = OmegaConf.to_container(load_run_config(run_path))
         except ConfigError:
-            saved = OmegaConf.to_container(OmegaConf.load(run.config))
+            saved = OmegaConf.to_container(read_config_file(run.config))  # damaged: one line naming the file
         new = OmegaConf.to_container(cfg)
         for section in new:
             for key in set(new[section]) | set(saved.get(section, {})):
@@ -299,11 +359,15 @@ def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None) -> Dic
                         f"run {run_path} was created with {section}.{key}={a!r}, not {b!r}: "
                         f"set run.name=<new name> for a new run, or pass {section}.{key}={a!r} to resume it"
                     )
-        write_text(run.config, to_yaml(cfg))
+        if write:
+            write_text(run.config, to_yaml(cfg))
         return cfg
     if resume is True:
-        raise ConfigError(f"--resume given but {run_path} has no run to resume: drop --resume to start it")
-    run.path.mkdir(parents=True, exist_ok=True)
-    write_text(run.config, to_yaml(cfg))
-    run.write_lineage()
+        raise ConfigError(f"--resume given but {run_path} has no checkpoint to resume: drop --resume to start it")
+    if run.config.is_file():
+        log(f"{run_path} has no checkpoint yet (an earlier start stopped before its first one): starting it afresh")
+    if write:
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_text(run.config, to_yaml(cfg))
+        run.write_lineage()
     return cfg

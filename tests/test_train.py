@@ -42,7 +42,7 @@ def test_run_directory_layout(tmp_path):
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000006"
     for step in ("step-000003", "step-000006"):
         files = {p.name for p in (run / "checkpoints" / step).iterdir()}
-        assert files == {"model.safetensors", "ema.safetensors", "state.pt"}
+        assert files == {"model.safetensors", "ema.safetensors", "state.pt", "manifest.json", "run-config.yaml"}
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert {"step", "loss", "lr", "grad_norm", "images_per_sec"} <= set(records[0])

@@ -132,8 +132,13 @@ def _probe(path: str, role: str) -> tuple[int, int, int]:
         with Image.open(path) as im:
             w, h = im.size
             mode = im.mode
+            # Read the whole file without decoding it: a PNG that is truncated or damaged fails here (chunk
+            # CRCs), not an hour later inside clean-fid with a traceback.
+            im.verify()
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad files
-        raise DitkError(f"{role} file {path} is not a readable image ({type(e).__name__}): remove or replace it") from None
+        reason = "truncated or damaged" if isinstance(e, (OSError, SyntaxError)) and "cannot identify" not in str(e) \
+            else "not a readable image"
+        raise DitkError(f"{role} file {path} is {reason} ({type(e).__name__}): remove or replace it") from None
     return h, w, 1 if mode in GRAYSCALE_MODES else 3
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, refused_global
 from .dit import DiT, DiTConfig, build_dit
 from .layers import get_2d_sincos_pos_embed
 
@@ -66,10 +66,10 @@ def read_official(path: str | os.PathLike) -> StateDict:
         with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a refused global or a file that is not a torch checkpoint at all
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        refused = refused_global(e)
         if refused:
             raise ConfigError(
-                f"'{path}' contains a pickled {refused.group(1)}, which weights_only loading refuses "
+                f"'{path}' contains a pickled {refused}, which weights_only loading refuses "
                 f"(it could run code): re-save the weights as a plain state dict"
             ) from None
         reason = type(e).__name__
