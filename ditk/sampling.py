@@ -135,7 +135,9 @@ def sample(
         for i, t in enumerate(bar):
             for hook in step_hooks:
                 if hasattr(hook, "step_begin"):
-                    hook.step_begin(i, t, x)
+                    replaced = hook.step_begin(i, t, x)
+                    if replaced is not None:  # e.g. PnP-Flow evaluates the model at a re-noised point
+                        x = replaced
             # A hook that differentiates through the model (DPS) gets x with requires_grad and an output with a graph.
             with torch.enable_grad() if needs_grad else contextlib.nullcontext():
                 if needs_grad:
@@ -172,8 +174,9 @@ class StepHook(Protocol):
     """What a step hook of `sample` may define (every method is optional; the loop calls those that exist).
 
     begin(scheduler): once, before the first step (the hook reads the time grid / alphas it needs).
-    step_begin(i, t, x): before the model call of step i at scheduler timestep t (e.g. switch an attention
-        injection on or off by step).
+    step_begin(i, t, x) -> None or x: before the model call of step i at scheduler timestep t (e.g. switch an
+        attention injection on or off by step). A returned tensor replaces x for this step's model call and
+        solver step (PnP-Flow evaluates the model at a re-noised point); None leaves x as it is.
     model_output(i, t, x, out) -> out: the guided model output, before the solver step; return it corrected
         (e.g. a prediction made consistent with a measurement). With `needs_grad = True` the loop evaluates
         the model with autograd on, x requiring grad, so the hook can differentiate through the model (DPS).

@@ -1,0 +1,240 @@
+"""Restoration methods against oracles: DDNM on a Gaussian prior with the exact score (posterior mean, exact
+consistency), DPS's data-term gradient against finite differences, PiGDM's guidance against its closed form on a
+Gaussian prior, PnP-Flow against a plain re-implementation of the paper's loop."""
+
+import math
+
+import pytest
+import torch
+
+from ditk.objectives.ddpm import DDPM
+from ditk.objectives.flow import RectifiedFlow
+from ditk.restore.operators import build_operator
+from ditk.restore.pipeline import get_method
+from ditk.sampling import sample
+
+SHAPE = (1, 4, 4)
+D = 16
+
+
+class GaussianEps(torch.nn.Module):
+    """The exact epsilon-prediction of data x ~ N(mu, Sigma) under the DDPM schedule (a perfect prior):
+    E[eps | x_t] = sqrt(1 - ab) (ab Sigma + (1 - ab) I)^-1 (x_t - sqrt(ab) mu)."""
+
+    def __init__(self, objective, mu, cov):
+        super().__init__()
+        self.objective, self.mu, self.cov = objective, mu.double(), cov.double()
+        self.calls = 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        ab = self.objective.alphas_cumprod[t.long()].double()  # (N,)
+        xf = x.double().flatten(1)
+        out = torch.empty_like(xf)
+        for a in torch.unique(ab):  # one solve per distinct time (all rows share it in a sampling loop)
+            rows = ab == a
+            m = a * self.cov + (1 - a) * torch.eye(D, dtype=torch.float64)
+            rhs = (xf[rows] - torch.sqrt(a) * self.mu).T
+            out[rows] = (torch.sqrt(1 - a) * torch.linalg.solve(m, rhs)).T
+        return out.reshape(x.shape).to(x.dtype)
+
+
+def factorised_prior(op, seed=0):
+    """A Gaussian prior whose covariance commutes with the projector P = A^+ A, so that the range and null-space
+    parts of x are independent: the posterior given y = A x (noise-free) is exact to write down:
+    mean A^+ y + (I - P) mu."""
+    g = torch.Generator().manual_seed(seed)
+    eye = torch.eye(D).reshape(D, *SHAPE)
+    P = op.pinv(op.A(eye)).reshape(D, D).double().T  # column j = P e_j
+    Q = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0]
+    B = Q @ torch.diag(torch.rand(D, generator=g, dtype=torch.float64) * 0.5 + 0.05) @ Q.T  # SPD
+    Np = torch.eye(D, dtype=torch.float64) - P
+    cov = P @ B @ P + Np @ B @ Np + 1e-3 * torch.eye(D, dtype=torch.float64)
+    mu = 0.3 * torch.randn(D, generator=g, dtype=torch.float64)
+    return mu, cov, P
+
+
+@pytest.mark.parametrize("task", ["sr2", "inpaint-random"])
+def test_ddnm_recovers_the_gaussian_posterior_mean_and_is_consistent(task):
+    torch.manual_seed(0)
+    op = build_operator(task, SHAPE)
+    objective = DDPM({"variance": "fixed_small"})
+    mu, cov, P = factorised_prior(op)
+    model = GaussianEps(objective, mu, cov)
+    # one clean image, its measurement, and n posterior samples of it
+    x_true = (mu + torch.linalg.cholesky(cov) @ torch.randn(D, dtype=torch.float64)).float().reshape(1, *SHAPE)
+    n = 600
+    y = op.A(x_true).expand(n, *op.y_shape()).contiguous()
+    method = get_method("ddnm")(op, y, objective, 0.0, generators=[torch.Generator().manual_seed(i) for i in range(n)])
+    noise = torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(1))
+    out = sample(model, objective, noise, {}, solver="ddpm", steps=50, step_hooks=[method]).double()
+    # exactly consistent with y (noise-free): the last step returns x0' = x0 - A^+(A x0 - y)
+    assert (op.A(out.float()) - y).abs().max() < 1e-5
+    # the posterior mean: A^+ y + (I - P) mu, within the Monte Carlo error of n samples (4 standard errors)
+    post_mean = (P @ x_true.double().flatten() + (torch.eye(D, dtype=torch.float64) - P) @ mu)
+    post_cov = (torch.eye(D, dtype=torch.float64) - P) @ cov @ (torch.eye(D, dtype=torch.float64) - P)
+    se = torch.sqrt(torch.diagonal(post_cov) / n) + 1e-4
+    err = (out.flatten(1).mean(0) - post_mean).abs()
+    assert (err < 4 * se + 0.01).all(), (err, se)
+    # and the posterior spread in the null space (the sampler is not a point estimate)
+    emp_var = out.flatten(1).var(0)
+    assert torch.allclose(emp_var, torch.diagonal(post_cov), rtol=0.35, atol=2e-3)
+    assert method.nfe == 50
+
+
+def test_ddnm_time_travel_schedule_and_consistency():
+    from ditk.restore.ddnm import travel_schedule
+
+    seq, prev = travel_schedule([40, 30, 20, 10, 0], 2, 1)
+    assert seq == [40, 30, 40, 30, 20, 10, 20, 10, 0]
+    assert prev == [30, 20, 30, 20, 10, 0, 10, 0, -1]
+    op = build_operator("inpaint-box", SHAPE)
+    objective = DDPM({"variance": "fixed_small"})
+    mu, cov, _ = factorised_prior(op, seed=2)
+    model = GaussianEps(objective, mu, cov)
+    y = op.A(torch.randn(3, *SHAPE))
+    method = get_method("ddnm")(op, y, objective, 0.0, {"travel_length": 3, "travel_repeat": 1})
+    out = sample(model, objective, torch.randn(3, *SHAPE), {}, solver="ddpm", steps=12, step_hooks=[method])
+    assert model.calls == method.nfe == 12 + 9  # three jumps back of three steps
+    assert (op.A(out) - y).abs().max() < 1e-5
+
+
+def test_ddnm_plus_noise_scaling():
+    """lambda_t, gamma_t keep the total noise of x_{t-1} at the posterior's sigma_t."""
+    op = build_operator("sr2", SHAPE)
+    m = get_method("ddnm")(op, torch.zeros(1, *op.y_shape()), DDPM(), 0.2)
+    for a, sigma_t in [(0.5, 0.3), (0.9, 0.01), (0.1, 0.05)]:
+        lam, gamma = m.scales(a, sigma_t)
+        assert 0 <= lam <= 1
+        assert math.isclose(gamma ** 2 + (a * lam * 0.2) ** 2, sigma_t ** 2, rel_tol=1e-9) or (gamma == 0 and lam < 1)
+        if gamma == 0:
+            assert math.isclose(a * lam * 0.2, sigma_t, rel_tol=1e-9)
+
+
+def _tiny_dit(seed=0):
+    from ditk.models.dit import DiT
+
+    torch.manual_seed(seed)
+    model = DiT(input_size=4, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=0,
+                learn_sigma=True).double()
+    with torch.no_grad():  # adaLN-Zero starts at zero output: give it a non-trivial function
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("task", ["sr2", "blur", "inpaint-box"])
+def test_dps_gradient_equals_finite_differences(task):
+    objective = DDPM()
+    op = build_operator(task, SHAPE, {"sigma": 0.7, "size": 3} if task == "blur" else {})
+    model = _tiny_dit()
+    g = torch.Generator().manual_seed(3)
+    y = op.A(torch.randn(2, *SHAPE, generator=g, dtype=torch.float64) * 0.3)
+    method = get_method("dps")(op, y, objective, 0.05)
+    scheduler = objective.make_scheduler("ddpm", 20)
+    method.begin(scheduler)
+    i = 8
+    t = scheduler.timesteps[i]
+    ab = float(objective.alphas_cumprod[int(t)])
+
+    def f(x):  # the DPS data term, written out independently of the method
+        eps = model(x, torch.full((x.shape[0],), float(t), dtype=torch.float64))[:, :1]
+        x0 = ((x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)).clamp(-1, 1)
+        return (y - op.A(x0)).flatten(1).norm(dim=1).sum()
+
+    x = (0.3 * torch.randn(2, *SHAPE, generator=g, dtype=torch.float64)).requires_grad_(True)
+    with torch.enable_grad():
+        out = model(x, torch.full((2,), float(t), dtype=torch.float64))
+        method.model_output(i, t, x, out)
+    h = 1e-6
+    fd = torch.zeros_like(x)
+    for k in range(x.numel()):
+        e = torch.zeros(x.numel(), dtype=torch.float64)
+        e[k] = h
+        e = e.reshape(x.shape)
+        fd.view(-1)[k] = (f(x.detach() + e) - f(x.detach() - e)) / (2 * h)
+    assert torch.allclose(method.grad, fd, rtol=1e-5, atol=1e-7)
+    prev = torch.zeros_like(x)
+    assert torch.allclose(method.step_end(i, t, x, out, prev), -0.5 * fd if task.startswith("inpaint") else -0.3 * fd,
+                          atol=1e-7)
+
+
+@pytest.mark.parametrize("sigma_y", [0.0, 0.1])
+def test_pigdm_guidance_matches_the_closed_form_on_a_gaussian_prior(sigma_y):
+    """For a Gaussian prior x0_hat is affine in x_t: x0 = (x_t - sqrt(1-ab) K (x_t - sqrt(ab) mu)) / sqrt(ab), so
+    the VJP is J^T v with J = (I - sqrt(1-ab) K) / sqrt(ab), K the linear map of the exact eps."""
+    op = build_operator("sr2", SHAPE)
+    objective = DDPM({"variance": "fixed_small"})
+    mu, cov, _ = factorised_prior(op, seed=4)
+    model = GaussianEps(objective, mu, cov).double()
+    y = op.A(torch.randn(1, *SHAPE, dtype=torch.float64))
+    method = get_method("pigdm")(op, y, objective, sigma_y)
+    scheduler = objective.make_scheduler("ddpm", 10)
+    method.begin(scheduler)
+    i, t = 4, scheduler.timesteps[4]
+    ab = float(objective.alphas_cumprod[int(t)])
+    x = torch.randn(1, *SHAPE, dtype=torch.float64).requires_grad_(True)
+    with torch.enable_grad():
+        out = model(x, t.expand(1))
+        method.model_output(i, t, x, out)
+    K = math.sqrt(1 - ab) * torch.linalg.inv(ab * cov + (1 - ab) * torch.eye(D, dtype=torch.float64))
+    J = (torch.eye(D, dtype=torch.float64) - math.sqrt(1 - ab) * K) / math.sqrt(ab)
+    x0 = method.x0
+    # A as a matrix, and v = r^2 A^T (r^2 A A^T + s^2 I)^-1 (y - A x0)
+    eye = torch.eye(D, dtype=torch.float64).reshape(D, *SHAPE)
+    Am = op.A(eye).reshape(D, -1).T  # (m, D)
+    r2 = 1 - ab
+    m = Am.shape[0]
+    v = r2 * Am.T @ torch.linalg.pinv(r2 * Am @ Am.T + sigma_y ** 2 * torch.eye(m, dtype=torch.float64)) @ (
+        y.flatten() - Am @ x0.flatten())
+    assert torch.allclose(method.g.flatten(), J.T @ v, atol=1e-8)
+    if sigma_y == 0:  # the noiseless form of the paper: v = A^+ y - A^+ A x0
+        Ap = torch.linalg.pinv(Am)
+        assert torch.allclose(v, Ap @ y.flatten() - Ap @ Am @ x0.flatten(), atol=1e-8)
+
+
+def test_pnp_flow_equals_the_papers_loop():
+    """PnP-Flow inside the sampling loop = a plain loop over the paper's Algorithm (same noise draws)."""
+    objective = RectifiedFlow()
+    op = build_operator("sr2", SHAPE)
+    model = _tiny_dit(seed=1).float()
+    model.learn_sigma = False
+    y = op.A(torch.randn(2, *SHAPE))
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(2)]
+    method = get_method("pnp-flow")(op, y, objective, 0.0, {"samples": 3, "lr": 0.7}, generators=gens)
+    noise = torch.randn(6, *SHAPE)
+    steps = 6
+    out = sample(model, objective, noise, {}, solver="euler", steps=steps, step_hooks=[method])[::3]
+
+    def v(z, t):
+        return model(z, torch.full((z.shape[0],), t * 1000.0))[:, :1]
+
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(2)]
+    x = noise.clone()
+    lip = 0.25  # sr2 average pooling: A^T A has eigenvalue 1/4
+    for k in range(steps):
+        s = k / steps  # the paper's time: 0 noise, 1 data
+        gamma = 0.7 * (1 - s) / lip
+        z = x - gamma * op.At(op.A(x) - y.repeat_interleave(3, 0))
+        n = torch.stack([torch.randn(SHAPE, generator=g) for g in gens for _ in range(3)])
+        zt = s * z + (1 - s) * n
+        d = zt + (1 - s) * (-v(zt, 1 - s))  # the paper's velocity points to the data: -u in ditk's convention
+        x = d.reshape(2, 3, *SHAPE).mean(1).repeat_interleave(3, 0)
+    assert torch.allclose(out, x[::3], atol=1e-5)
+    assert method.nfe == 3 * steps
+
+
+def test_methods_refuse_what_they_cannot_do():
+    from ditk.errors import ConfigError
+
+    op = build_operator("sr4", (3, 16, 16))
+    with pytest.raises(ConfigError, match="use --method pnp-flow"):
+        get_method("ddnm").check(op, "rectified-flow", False)
+    with pytest.raises(ConfigError, match="use --method ddnm or dps or pigdm"):
+        get_method("pnp-flow").check(op, "ddpm", False)
+    with pytest.raises(ConfigError, match="latent one: use --method dps"):
+        get_method("ddnm").check(op, "ddpm", True)
+    with pytest.raises(ConfigError, match="did you mean 'pigdm'"):
+        get_method("pgdm")
+    with pytest.raises(ConfigError, match="no option 'zta'"):
+        get_method("dps").resolve_options({"zta": 1}, op)
