@@ -174,7 +174,9 @@ def test_text_conditioning_reaches_the_output_through_unmasked_tokens_only():
         torch.testing.assert_close(model(x, t, changed, mask), out)
         changed[0, 0] += 5.0  # a real token
         assert not torch.allclose(model(x, t, changed, mask)[0], out[0])
-        torch.testing.assert_close(model(x[1:2], t[1:2], ctx[1:2], mask[1:2]), out[1:2], rtol=1e-5, atol=1e-6)
+        # a sample alone equals its row of the batch up to float rounding (the BLAS rounds a batch of 1 and one
+        # of 3 differently, from the timestep MLP on: ~2e-6 here)
+        torch.testing.assert_close(model(x[1:2], t[1:2], ctx[1:2], mask[1:2]), out[1:2], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(model(x, t, ctx, mask, pooled=torch.randn(3, 12)), out)  # pooled is unused
     with pytest.raises(ConfigError, match="caption_channels"):
         model(x, t, torch.randn(3, 5, 7), mask)

@@ -5,18 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from ditk.errors import ConfigError
-from ditk.models.mamba import Mamba, _LinearScan, _scan, _SelectiveScan, kernels_available, linear_scan, selective_scan
-
-
-def loop_recurrence(a, b, reverse=False, initial=None):
-    """h_t = a_t h_{t-1} + b_t (or h_{t+1} when reverse), one step per token."""
-    h = torch.zeros_like(a[0]) if initial is None else initial
-    out = [None] * a.shape[0]
-    steps = range(a.shape[0] - 1, -1, -1) if reverse else range(a.shape[0])
-    for t in steps:
-        h = a[t] * h + b[t]
-        out[t] = h
-    return torch.stack(out)
+import ditk.models.mamba as mamba
+from ditk.models.mamba import (MAX_CHUNK, MAX_LOG_DECAY, TILE_ELEMENTS, Mamba, chunk_length, chunked_scan,
+                               kernels_available, selective_scan, stable_chunk_length)
 
 
 def loop_selective_scan(u, delta, A, B, C, D, z, delta_bias):
@@ -32,38 +23,80 @@ def loop_selective_scan(u, delta, A, B, C, D, z, delta_bias):
     return torch.stack(ys, dim=-1) * F.silu(z)
 
 
-# Lengths around the chunk boundaries of the chunked scan (chunk = isqrt(L), remainder handled after).
-LENGTHS = [1, 2, 3, 4, 5, 8, 17, 18, 63, 64, 65, 130]
+def loop_chunked_scan(delta, du, A, B, C):
+    """float64 sequential reference of `chunked_scan`: delta, du (G, L, d); A (G, n, d); B, C (G, L, n)."""
+    delta, du, A, B, C = (x.double() for x in (delta, du, A, B, C))
+    h = torch.zeros(A.shape, dtype=torch.float64)
+    ys = []
+    for t in range(delta.shape[1]):
+        h = torch.exp(delta[:, t, None, :] * A) * h + du[:, t, None, :] * B[:, t, :, None]
+        ys.append((h * C[:, t, :, None]).sum(1))
+    return torch.stack(ys, dim=1)
 
 
-@pytest.mark.parametrize("length", LENGTHS)
-def test_linear_scan_equals_the_sequential_loop(length):
-    g = torch.Generator().manual_seed(length)
-    a = torch.rand(length, 2, 3, 4, generator=g, dtype=torch.float64)
-    b = torch.randn(length, 2, 3, 4, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(linear_scan(a, b), loop_recurrence(a, b), rtol=1e-12, atol=1e-12)
-    init = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(_scan(a, b, reverse=True, initial=init), loop_recurrence(a, b, True, init),
-                               rtol=1e-12, atol=1e-12)
-    # writing the states over the input buffer (what the selective scan does) gives the same states
-    buf = b.clone()
-    _scan(a, buf, out=buf)
-    torch.testing.assert_close(buf, loop_recurrence(a, b), rtol=1e-12, atol=1e-12)
+def core_inputs(groups=3, length=17, d=5, n=4, seed=0, dt_scale=1.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    delta = F.softplus(r(groups, length, d) - 1) * dt_scale
+    inp = [delta, delta * r(groups, length, d), -torch.exp(r(groups, n, d) * 0.5), r(groups, length, n),
+           r(groups, length, n)]
+    return [x.to(dtype) for x in inp]
 
 
-@pytest.mark.parametrize("length", [1, 5, 17])
-def test_scan_gradients_are_exact(length):
-    g = torch.Generator().manual_seed(0)
-    a = torch.rand(length, 2, 3, generator=g, dtype=torch.float64).requires_grad_()
-    b = torch.randn(length, 2, 3, generator=g, dtype=torch.float64).requires_grad_()
-    assert torch.autograd.gradcheck(_LinearScan.apply, (a, b))
-    d, n = 3, 2
-    args = (torch.rand(length, 2, d, generator=g, dtype=torch.float64) + 0.05,
-            torch.randn(length, 2, d, generator=g, dtype=torch.float64),
-            -torch.rand(d, n, generator=g, dtype=torch.float64) * 2 - 0.1,
-            torch.randn(length, 2, n, generator=g, dtype=torch.float64),
-            torch.randn(length, 2, n, generator=g, dtype=torch.float64))
-    assert torch.autograd.gradcheck(_SelectiveScan.apply, tuple(x.requires_grad_() for x in args))
+# Lengths and chunk lengths around the chunk boundaries (a partial last chunk, one chunk, chunk length 1).
+CASES = [(1, None), (2, 1), (5, 2), (17, 4), (17, None), (18, 6), (64, 8), (65, 8), (130, 11), (130, None)]
+
+
+@pytest.mark.parametrize("length,chunk", CASES)
+def test_chunked_scan_equals_the_sequential_loop(length, chunk):
+    inp = core_inputs(length=length, seed=length)
+    torch.testing.assert_close(chunked_scan(*inp, chunk=chunk), loop_chunked_scan(*inp), rtol=1e-10, atol=1e-10)
+    # float32 (what models run): close to the float64 loop
+    ours32 = chunked_scan(*(x.float() for x in inp), chunk=chunk)
+    torch.testing.assert_close(ours32.double(), loop_chunked_scan(*inp), rtol=1e-4, atol=1e-5)
+
+
+def test_chunk_lengths_fit_the_cache_and_the_decays():
+    for length, d, n in [(1026, 736, 16), (4098, 1536, 16), (18, 128, 4), (7, 64, 4)]:
+        lc = chunk_length(length, d, n)
+        assert 1 <= lc <= min(length, MAX_CHUNK)
+        assert lc == 1 or lc * d * n <= 2 * TILE_ELEMENTS
+        assert -(-length // lc) * lc - length < -(-length // lc)  # padding: less than one token per chunk
+    # decays fast enough to overflow the factorised form shorten the chunks, down to the plain recurrence
+    delta, du, A, B, C = core_inputs(groups=2, length=40, dt_scale=30.0, dtype=torch.float32)
+    a_max = A.abs().amax(-2)
+    lc = stable_chunk_length(delta, a_max, 40)
+    assert lc < 40
+    k = -(-40 // lc)
+    totals = F.pad(delta, (0, 0, 0, k * lc - 40)).view(2, k, lc, -1).sum(2)
+    assert lc == 1 or (totals * a_max[:, None]).max() <= MAX_LOG_DECAY[torch.float32]
+    out = chunked_scan(delta, du, A, B, C)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), loop_chunked_scan(delta, du, A, B, C), rtol=1e-4, atol=1e-4)
+
+
+def test_sequences_scanned_in_several_calls_give_the_same_result(monkeypatch):
+    """Large batches are split into calls of GROUP_TILE_ELEMENTS; a sequence's result does not depend on it."""
+    inp = core_inputs(groups=5, length=23, seed=3, dtype=torch.float32)
+    whole = chunked_scan(*inp, chunk=4)
+    monkeypatch.setattr(mamba, "GROUP_TILE_ELEMENTS", 1)  # one sequence per call
+    assert torch.equal(chunked_scan(*inp, chunk=4), whole)
+    assert torch.equal(chunked_scan(*(x[2:3] for x in inp), chunk=4), whole[2:3])
+
+
+@pytest.mark.parametrize("length,chunk", [(1, None), (5, 1), (7, 3), (9, None)])
+def test_chunked_scan_gradients_pass_gradcheck(length, chunk):
+    inp = [x.requires_grad_() for x in core_inputs(groups=2, length=length, d=3, n=2, seed=length)]
+    assert torch.autograd.gradcheck(lambda *a: chunked_scan(*a, chunk=chunk), inp)
+
+
+def test_chunked_scan_gradients_equal_autograd_through_the_loop():
+    inp = [x.requires_grad_() for x in core_inputs(length=37, seed=5)]
+    w = torch.randn(3, 37, 5, dtype=torch.float64)
+    ours = torch.autograd.grad((chunked_scan(*inp, chunk=6) * w).sum(), inp)
+    ref = torch.autograd.grad((loop_chunked_scan(*inp) * w).sum(), inp)
+    for name, a, b in zip(["delta", "du", "A", "B", "C"], ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
 
 
 def scan_inputs(b=2, d=6, n=4, length=33, seed=0, dtype=torch.float64):
@@ -149,10 +182,29 @@ def test_bidirectional_mixer_is_a_forward_and_a_reversed_scan_sharing_projection
             state[name.replace(name.split(".")[0], name.split(".")[0] + "_b", 1)] = value
     state["A_b_log"], state["D_b"] = bwd.A_log, bwd.D
     ours.load_state_dict(state)
-    x = torch.randn(2, 30, 16, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(2, 30, 16, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    ref = hf_slow_forward(fwd, x) + hf_slow_forward(bwd, x.flip(1)).flip(1)
+    out = ours(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    # gradients of the input and of both directions' parameters (the reversed scan's custom backward included)
+    w = torch.randn_like(out)
+    names = [n for n, _ in ours.named_parameters()]
+    g = dict(zip(["input", *names], torch.autograd.grad((out * w).sum(), [x, *ours.parameters()])))
+    ref_params = {**{n: p for n, p in fwd.named_parameters()},
+                  **{(n.replace(n.split(".")[0], n.split(".")[0] + "_b", 1) if n.split(".")[0] in
+                      ("conv1d", "x_proj", "dt_proj") else {"A_log": "A_b_log", "D": "D_b"}.get(n, "skip." + n)): p
+                     for n, p in bwd.named_parameters()}}
+    ref_names = [n for n in ref_params if not n.startswith("skip.")]
+    # in_proj / out_proj are shared: their reference gradient is the sum over the two transformers mixers
+    targets = [x, *(ref_params[n] for n in ref_names), bwd.in_proj.weight, bwd.out_proj.weight]
+    *grads, g_in_b, g_out_b = torch.autograd.grad((ref * w).sum(), targets)
+    g_ref = dict(zip(["input", *ref_names], grads))
+    g_ref["in_proj.weight"] = g_ref["in_proj.weight"] + g_in_b
+    g_ref["out_proj.weight"] = g_ref["out_proj.weight"] + g_out_b
+    assert set(g_ref) == set(g)
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-3, atol=1e-4, msg=name)
     with torch.no_grad():
-        ref = hf_slow_forward(fwd, x) + hf_slow_forward(bwd, x.flip(1)).flip(1)
-        torch.testing.assert_close(ours(x), ref, rtol=1e-4, atol=1e-5)
         ours.divide_out = True
         torch.testing.assert_close(ours(x), ref / 2, rtol=1e-4, atol=1e-5)
 
