@@ -98,9 +98,12 @@ class Distiller:
     @classmethod
     def check(cls, options, cfg, teacher_cfg) -> None:
         """Refuse a configuration the method cannot run (called by the command before the run dir is written)."""
+        from ..build import build_objective
+
         if teacher_cfg.objective.name not in cls.objectives:
             raise ConfigError(f"distill.method={cfg.distill.method} does not apply to a {teacher_cfg.objective.name} "
                               f"teacher: it supports {', '.join(cls.objectives)}")
+        cls(options, build_objective(cfg), cfg)  # the constructor validates the method's options
 
     def attach(self, ema=None, conditioner=None, device=None) -> None:
         """Called once by the training loop: load the frozen teacher; keep the student's EMA and the conditioner."""
