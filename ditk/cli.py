@@ -21,6 +21,7 @@ COMMANDS = {
     "presets": "presets",
     "evaluate-fid": "evaluate_fid",
     "restore": "restore",
+    "distill": "distill",
 }
 
 
@@ -38,7 +39,7 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ditk")
 def cli():
-    """ditk: train, sample and evaluate diffusion transformers.
+    """ditk: train, sample, distill and evaluate diffusion transformers.
 
     Every command reads a preset (a name from `ditk presets list` or a YAML path) and takes
     key=value overrides. Results go to stdout, progress and logs to stderr.

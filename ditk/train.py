@@ -145,6 +145,10 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
     model = build_model(cfg)
     objective = build_objective(cfg)
     check_model_objective(model, objective, cfg)
+    if "distill" in cfg:  # `ditk distill`: the method wraps the teacher's objective (ditk.distill)
+        from .distill import build_method
+
+        objective = build_method(cfg, objective)
     autoencoder = build_autoencoder(cfg).to(device)
     dataset, encoder = _build_data(cfg, run, autoencoder, device, accelerator)
     check_model_data(model, tuple(dataset.shape), encoder.latent_channels(dataset.shape[0]),
@@ -166,6 +170,8 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
     # copy is kept or updated, and the checkpoint's ema.safetensors holds the model's weights.
     uses_ema = getattr(objective, "uses_ema", True)
     ema = copy.deepcopy(model).requires_grad_(False).eval() if uses_ema else model
+    if hasattr(objective, "attach"):  # a distillation method (ditk.distill): loads its frozen teacher, sees the EMA
+        objective.attach(ema=ema, conditioner=conditioner, device=device)
 
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -185,6 +191,8 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
             load_state_dict_checked(ema, load_weights(ckpt, "ema"), str(ckpt / "ema.safetensors"))
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if "objective" in state:  # an objective's own training state (e.g. progressive distillation's round teacher)
+            objective.load_state_dict(state["objective"])
         start_step = int(state["step"])
         log(f"resuming {run.path} from {ckpt.name}")
     if accelerator.is_main_process:  # drop records logged after the checkpoint (or all, if there is none)
@@ -211,6 +219,8 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
                      "rng": _rng_state(), "data": {"seed": cfg.run.seed, "global_batch_size": tc.global_batch_size},
                      # the running-loss window, so the first record after a resume equals the uninterrupted run's
                      "log_window": {"loss_sum": window_loss, "steps": window_steps}, "nonfinite_skipped": skipped}
+            if hasattr(objective, "state_dict"):
+                state["objective"] = objective.state_dict()
             path = save_checkpoint(run, step, raw_model.state_dict(), ema.state_dict(), state, tc.keep_last,
                                    files={"run-config.yaml": to_yaml(cfg)})
             log(f"saved {path}")
@@ -329,8 +339,9 @@ RESUMABLE_KEYS = {"run.dir", "run.name", "train.max_steps", "train.log_every", "
                   "train.keep_last", "train.num_workers", "train.skip_nonfinite", "sample"}
 
 
-def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None) -> DictConfig:
-    """Create the run dir, or check that an existing one may be resumed with this config.
+def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None, parent: str | None = None) -> DictConfig:
+    """Create the run dir, or check that an existing one may be resumed with this config. `parent`: the run this
+    one derives from (a distilled student's teacher), recorded in lineage.json.
 
     A run directory without a checkpoint (a command that failed or was killed before its first checkpoint)
     holds nothing to resume: it is started afresh with the new config rather than blocking it.
@@ -369,5 +380,5 @@ def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None) -> Dic
     if write:
         run.path.mkdir(parents=True, exist_ok=True)
         write_text(run.config, to_yaml(cfg))
-        run.write_lineage()
+        run.write_lineage(parent)
     return cfg
