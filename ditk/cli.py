@@ -20,6 +20,7 @@ COMMANDS = {
     "sample": "sample",
     "presets": "presets",
     "evaluate-fid": "evaluate_fid",
+    "distill": "distill",
     "prune": "prune",
 }
 
@@ -38,7 +39,7 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ditk")
 def cli():
-    """ditk: train, sample and evaluate diffusion transformers.
+    """ditk: train, sample, distill and evaluate diffusion transformers.
 
     Every command reads a preset (a name from `ditk presets list` or a YAML path) and takes
     key=value overrides. Results go to stdout, progress and logs to stderr.

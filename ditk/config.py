@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
-from .schema import DEFAULT_NAMES, FIXED_SECTIONS, REGISTRY_SECTIONS
+from .schema import DEFAULT_NAMES, FIXED_SECTIONS, OPTIONAL_SECTIONS, REGISTRY_SECTIONS
 
 
 def presets_root() -> Path:
@@ -41,9 +41,10 @@ def merge(base: DictConfig, child: DictConfig) -> DictConfig:
     `objective.name=rectified-flow` over a DDPM preset) starts that section afresh, since the old
     entry's keys mean nothing to the new one."""
     base = base.copy()
-    for section in REGISTRY_SECTIONS:
-        new_name = OmegaConf.select(child, f"{section}.name", default=None)
-        if new_name is not None and new_name != OmegaConf.select(base, f"{section}.name", default=None):
+    selectors = {**{s: "name" for s in REGISTRY_SECTIONS}, **{s: key for s, (_, key) in OPTIONAL_SECTIONS.items()}}
+    for section, key in selectors.items():
+        new_name = OmegaConf.select(child, f"{section}.{key}", default=None)
+        if new_name is not None and new_name != OmegaConf.select(base, f"{section}.{key}", default=None):
             if section in base:
                 del base[section]
     return OmegaConf.merge(base, child)
@@ -133,7 +134,7 @@ def validate(cfg: DictConfig, allow_missing: Iterable[str] = ()) -> DictConfig:
     from . import registry
 
     raw = OmegaConf.to_container(cfg, resolve=True)
-    known = list(FIXED_SECTIONS) + list(REGISTRY_SECTIONS)
+    known = list(FIXED_SECTIONS) + list(REGISTRY_SECTIONS) + list(OPTIONAL_SECTIONS)
     for key in raw:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
@@ -154,6 +155,15 @@ def validate(cfg: DictConfig, allow_missing: Iterable[str] = ()) -> DictConfig:
             typed = OmegaConf.create(given)
         section_cfg = OmegaConf.merge(OmegaConf.create({"name": entry.name}), OmegaConf.to_container(typed))
         out[section] = section_cfg
+    for section, (reg_name, key) in OPTIONAL_SECTIONS.items():  # present only when given (e.g. `distill`)
+        if section not in raw:
+            continue
+        given = dict(raw.get(section) or {})
+        if key not in given:
+            raise ConfigError(f"missing '{section}.{key}': set it in the preset or as {section}.{key}=...")
+        entry = getattr(registry, reg_name).get(str(given.pop(key)))
+        typed = _typed_section(section, given, entry.config, section in allow_missing)
+        out[section] = OmegaConf.merge(OmegaConf.create({key: entry.name}), OmegaConf.to_container(typed))
     result = OmegaConf.create(out)
     OmegaConf.set_struct(result, True)
     return result

@@ -82,3 +82,4 @@ CONDITIONERS = Registry("conditioner", ["ditk.conditioners"])
 FEATURE_EXTRACTORS = Registry("feature extractor", ["ditk.metrics.extractors"])
 
 CACHE_POLICIES = Registry("cache policy", ["ditk.cache.*"])
+DISTILL_METHODS = Registry("distillation method", ["ditk.distill.*"])

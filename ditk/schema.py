@@ -103,3 +103,6 @@ REGISTRY_SECTIONS = {
     "conditioner": "CONDITIONERS",
 }
 DEFAULT_NAMES = {"autoencoder": "identity", "conditioner": "class"}
+# Sections that only some runs have: section -> (registry attribute, the key that selects the entry). A run made by
+# `ditk distill` has `distill: {method: consistency, teacher: runs/x, ...}`; a run without the section has none.
+OPTIONAL_SECTIONS = {"distill": ("DISTILL_METHODS", "method")}

@@ -122,6 +122,10 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
     model = build_model(cfg)
     objective = build_objective(cfg)
     check_model_objective(model, objective, cfg)
+    if "distill" in cfg:  # `ditk distill`: the method wraps the teacher's objective (ditk.distill)
+        from .distill import build_method
+
+        objective = build_method(cfg, objective)
     autoencoder = build_autoencoder(cfg).to(device)
     dataset, encoder = _build_data(cfg, run, autoencoder, device, accelerator)
     check_model_data(model, tuple(dataset.shape), encoder.latent_channels(dataset.shape[0]),
@@ -143,6 +147,8 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
     # copy is kept or updated, and the checkpoint's ema.safetensors holds the model's weights.
     uses_ema = getattr(objective, "uses_ema", True)
     ema = copy.deepcopy(model).requires_grad_(False).eval() if uses_ema else model
+    if hasattr(objective, "attach"):  # a distillation method (ditk.distill): loads its frozen teacher, sees the EMA
+        objective.attach(ema=ema, conditioner=conditioner, device=device)
 
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -161,6 +167,8 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
+        if "objective" in state:  # an objective's own training state (e.g. progressive distillation's round teacher)
+            objective.load_state_dict(state["objective"])
         start_step = int(state["step"])
         log(f"resuming {run.path} from {ckpt.name}")
         if accelerator.is_main_process:
@@ -181,6 +189,8 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
         if accelerator.is_main_process:
             state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                      "rng": _rng_state(), "data": {"seed": cfg.run.seed, "global_batch_size": tc.global_batch_size}}
+            if hasattr(objective, "state_dict"):
+                state["objective"] = objective.state_dict()
             path = save_checkpoint(run, step, raw_model.state_dict(), ema.state_dict(), state, tc.keep_last)
             log(f"saved {path}")
         accelerator.wait_for_everyone()
@@ -273,8 +283,9 @@ RESUMABLE_KEYS = {"train.max_steps", "train.log_every", "train.ckpt_every", "tra
                   "train.keep_last", "train.num_workers", "sample"}
 
 
-def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None) -> DictConfig:
-    """Create the run dir, or check that an existing one may be resumed with this config.
+def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None, parent: str | None = None) -> DictConfig:
+    """Create the run dir, or check that an existing one may be resumed with this config. `parent`: the run this
+    one derives from (a distilled student's teacher), recorded in lineage.json.
 
     Returns the config to train with: on resume, the saved config updated with the resumable keys.
     """
@@ -305,5 +316,5 @@ def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None) -> Dic
         raise ConfigError(f"--resume given but {run_path} has no run to resume: drop --resume to start it")
     run.path.mkdir(parents=True, exist_ok=True)
     write_text(run.config, to_yaml(cfg))
-    run.write_lineage()
+    run.write_lineage(parent)
     return cfg
