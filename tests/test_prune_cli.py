@@ -89,3 +89,30 @@ def test_bad_input_is_one_line_exit_2_nothing_written(source, bad, message):
 def test_missing_source_is_refused(source):
     proc = invoke_ditk("prune", "digits-dit", *SMALL, "prune.keep=2", f"run.dir={source}", "run.name=nosrc")
     assert proc.returncode == 2 and "prune.source" in proc.stderr and not (source / "nosrc").exists()
+
+
+def test_recovery_fine_tunes_with_kd_from_the_source_at_a_scaled_lr(source):
+    proc = prune(source, "rec", "prune.method=score", "prune.keep=2", "prune.recover_steps=2",
+                 "prune.lr_reference_batch=32")  # TINY's global batch is 16: lr halves
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = source / "rec"
+    assert "linear LR scaling" in proc.stderr
+    from ditk.config import load_run_config
+
+    cfg = load_run_config(out)
+    assert cfg.distill.method == "kd" and cfg.distill.teacher == str((source / "src").resolve())
+    report = json.loads((out / "pruning.json").read_text())
+    assert list(cfg.distill.block_map) == report["kept_blocks"]
+    assert cfg.optim.lr == pytest.approx(1e-3 * 16 / 32)
+    before = load_file(str(out / "checkpoints" / "step-000000" / "model.safetensors"))
+    after = load_file(str(out / "checkpoints" / "step-000002" / "model.safetensors"))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert not torch.equal(before["blocks.0.attn.qkv.weight"], after["blocks.0.attn.qkv.weight"])
+
+
+def test_recovery_needs_a_run_as_teacher(source, tmp_path):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes((source / "src" / "checkpoints" / "step-000003" / "ema.safetensors").read_bytes())
+    proc = invoke_ditk("prune", "digits-dit", *SMALL, f"prune.source={weights}", "prune.keep=2",
+                       "prune.recover_steps=2", f"run.dir={source}", "run.name=norun")
+    assert proc.returncode == 2 and "ditk run" in proc.stderr and not (source / "norun").exists()

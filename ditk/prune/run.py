@@ -4,7 +4,6 @@ write it as an ordinary run directory (config.yaml with the real size, a checkpo
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import time
@@ -69,6 +68,9 @@ def check_request(cfg: DictConfig, out: Path) -> None:
     if not source.exists():
         raise ConfigError(f"prune.source '{p.source}' does not exist: pass a run directory, a checkpoints/step-N "
                           "folder or a weights file")
+    if p.recover_steps > 0 and not ((source / "config.yaml").is_file() or (source / "state.pt").is_file()):
+        raise ConfigError(f"prune.recover_steps needs prune.source to be a ditk run (the KD teacher), not {source}: "
+                          "prune without recovery, then `ditk distill` the result")
 
 
 def load_source(cfg: DictConfig) -> torch.nn.Module:
@@ -101,30 +103,26 @@ def lineage(out: Path, cfg: DictConfig) -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "made_by": "ditk prune"}
 
 
-def write_run(out: Path, cfg: DictConfig, small: torch.nn.Module, report: dict, step: int = 0) -> None:
+def write_run(out: Path, cfg: DictConfig, small: torch.nn.Module, report: dict) -> None:
     """The pruned run, written into a temporary folder and renamed: a failure leaves nothing behind."""
     from diffusers.optimization import get_scheduler
     from safetensors.torch import save_file
 
     with atomic_dir(out) as tmp:
         (tmp / "config.yaml").write_text(to_yaml(cfg))
-        ckpt = tmp / "checkpoints" / checkpoint_name(step)
+        ckpt = tmp / "checkpoints" / checkpoint_name(0)
         ckpt.mkdir(parents=True)
         sd = {k: v.detach().contiguous().cpu() for k, v in small.state_dict().items()}
         save_file(sd, str(ckpt / "model.safetensors"))
         save_file(sd, str(ckpt / "ema.safetensors"))
-        # The state `ditk train` resumes from: a fresh AdamW + schedule exactly as the loop builds them (the
-        # recovery optimiser, if any, is not kept: its learning rate was the recovery's, not the run's).
-        model = copy.deepcopy(small).requires_grad_(True)
-        if hasattr(model, "pos_embed") and isinstance(model.pos_embed, torch.nn.Parameter):
-            model.pos_embed.requires_grad_(False)  # DiT's fixed sin-cos embedding is never trained
-        opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.optim.lr,
+        # The state `ditk train` resumes from: a fresh AdamW + schedule built exactly as the loop builds them (over
+        # the parameters a freshly built model trains), so resuming or recovering starts from step 0 here.
+        fresh = build_model(cfg)
+        opt = torch.optim.AdamW([q for q in fresh.parameters() if q.requires_grad], lr=cfg.optim.lr,
                                 betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
         sched = get_scheduler(cfg.optim.schedule, opt, num_warmup_steps=cfg.optim.warmup_steps,
                               num_training_steps=cfg.train.max_steps)
-        for _ in range(step):
-            sched.step()
-        state = {"step": step, "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
+        state = {"step": 0, "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
                  "rng": {"torch": torch.get_rng_state()},
                  "data": {"seed": cfg.run.seed, "global_batch_size": cfg.train.global_batch_size}}
         torch.save(state, ckpt / "state.pt")
@@ -171,20 +169,26 @@ def prune(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
     new_cfg = OmegaConf.to_container(cfg, resolve=True)
     new_cfg["model"] = {"name": cfg.model.name, **section}
     new_cfg["train"]["init_from"] = ""
-    new_cfg = OmegaConf.create(new_cfg)
+    if p.recover_steps > 0:
+        from .recover import recovery_sections
+
+        block_map = report.get("kept_blocks") or list(range(len(small.blocks)))
+        distill, changes, note = recovery_sections(cfg, block_map)
+        new_cfg["distill"] = distill
+        new_cfg["optim"]["lr"] = changes["lr"]
+        new_cfg["train"]["max_steps"] = changes["max_steps"]
+        log(f"recovery: {p.recover_steps} steps of KD from {p.source}; learning rate {note}")
+        report["recovery"] = {"steps": int(p.recover_steps), "lr": changes["lr"], "lr_rule": note, "kd": distill}
     from ..config import validate
 
-    new_cfg = validate(new_cfg, allow_missing=("data", "autoencoder"))
-
-    step = 0
-    if p.recover_steps > 0:
-        from .recover import recover
-
-        small, step, rec = recover(small, model, new_cfg, calib, report.get("kept_blocks"), log,
-                                              progress=progress)
-        report["recovery"] = rec
+    new_cfg = validate(OmegaConf.create(new_cfg))
     report["seconds"] = round(time.perf_counter() - start, 2)
-    write_run(out, new_cfg, small, report, step)
+    write_run(out, new_cfg, small, report)
     log(f"wrote {out}: {report['params_before']:,} -> {report['params_after']:,} parameters, "
         f"{report['gflops_before']:.4f} -> {report['gflops_after']:.4f} GFLOPs per image")
+    if p.recover_steps > 0:
+        from ..train import train
+
+        code = train(new_cfg, out, progress=progress)
+        report["recovery_exit_code"] = code
     return report
