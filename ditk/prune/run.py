@@ -47,9 +47,12 @@ def check_request(cfg: DictConfig, out: Path) -> None:
         raise ConfigError(f"model '{name}' has no prunable block list: depth-prune one of {', '.join(PRUNABLE)}")
     if p.method == "experts" and name != "dit-moe":
         raise ConfigError(f"prune.method=experts needs a mixture-of-experts model (dit-moe), not '{name}'")
-    if p.method == "width" and name not in ("dit", "dit-moe", "dydit"):
-        raise ConfigError(f"prune.method=width prunes DiT MLP channels: it supports dit, dit-moe (shared experts) "
-                          f"and dydit, not '{name}'")
+    if p.method == "experts":
+        from .experts import check_experts
+
+        check_experts(cfg)
+    if p.method == "width" and name != "dit":
+        raise ConfigError(f"prune.method=width prunes the MLP channels of a dense DiT (model.name=dit), not '{name}'")
     if p.method in DEPTH_METHODS:
         from .score import index_units, target_units
 
