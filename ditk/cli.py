@@ -22,6 +22,7 @@ COMMANDS = {
     "evaluate-fid": "evaluate_fid",
     "restore": "restore",
     "distill": "distill",
+    "prune": "prune",
 }
 
 

@@ -65,7 +65,36 @@ class SampleConfig:
     time_shift_cutoff: int = 300  # ... only while the nominal timestep is above this one (the authors' default)
 
 
-FIXED_SECTIONS = {"run": RunConfig, "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig}
+@dataclass
+class PruneConfig:
+    """`ditk prune` (ditk.prune): what to prune, how, and the recovery fine-tune. Unused by other commands."""
+    source: str = ""  # the run (or its checkpoints/step-N folder, or an official weights file) to prune
+    method: str = "score"  # score | index | random | learnable | experts | width
+    criterion: str = "bi"  # score: bi (Block Influence) | oracle (loss increase when the block is removed)
+    keep: int = 0  # depth target: blocks to keep ...
+    pattern: str = ""  # ... or N:M = keep N of every M consecutive blocks (TinyFusion 2:4 = 28 -> 14)
+    keep_indices: List[int] = field(default_factory=list)  # method=index: source blocks to keep
+    calib_batches: int = 8  # calibration batches for scores, FLOPs and Taylor importance
+    calib_batch_size: int = 32
+    seed: int = 0
+    search_steps: int = 200  # learnable: steps of the Gumbel mask search (TinyFusion: 1 epoch)
+    search_batch_size: int = 32
+    search_lr: float = 1.0e-4  # learnable: LoRA learning rate (TinyFusion 1e-4) ...
+    gate_lr_scale: float = 10.0  # ... and the mask logits learn 10x faster (TinyFusion)
+    lora_rank: int = 8  # learnable: LoRA rank co-trained with the mask (0 = mask only)
+    lora_alpha: float = 16.0  # LoRA scale alpha / rank (TinyFusion: alpha = 2 * rank)
+    tau_start: float = 4.0  # Gumbel-softmax temperature, annealed linearly ...
+    tau_end: float = 0.1  # ... to this (TinyFusion tau-range [4, 0.1])
+    logit_scale: float = 100.0  # mask logits = parameter x this (TinyFusion scaling 1e2)
+    experts_keep: int = 0  # method=experts: routed experts kept per MoE layer
+    mlp_keep: int = 0  # method=width: MLP hidden channels kept per block
+    recover_steps: int = 0  # fine-tune the pruned model this many steps with the source as teacher (KD)
+    recover_lr: float = 0.0  # 0: optim.lr x train.global_batch_size / lr_reference_batch (linear scaling)
+    lr_reference_batch: int = 256  # the global batch optim.lr was tuned for
+
+
+FIXED_SECTIONS = {"run": RunConfig, "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig,
+                  "prune": PruneConfig}
 # section -> registry attribute name in ditk.registry
 REGISTRY_SECTIONS = {
     "model": "MODELS",
