@@ -20,6 +20,8 @@ COMMANDS = {
     "sample": "sample",
     "presets": "presets",
     "evaluate-fid": "evaluate_fid",
+    "invert": "invert",
+    "edit": "edit",
 }
 
 
