@@ -124,7 +124,7 @@ def edit(model, objective, x0: torch.Tensor, src_cond: dict, tgt_cond: dict, nul
     from ..sampling import sample
 
     n = x0.shape[0]
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     points = capture_points(p.rules)
     inv_nfe = 0
     if inverted is None or (points and store is None):
@@ -139,8 +139,8 @@ def edit(model, objective, x0: torch.Tensor, src_cond: dict, tgt_cond: dict, nul
     def per_branch(src, tgt):
         return torch.cat([src if b == "source" else tgt for b in p.branches], dim=0)
 
-    start, pair = sampling_start(inverted)
-    noise = per_branch(start, start)
+    x_start, pair = sampling_start(inverted)
+    noise = per_branch(x_start, x_start)
     pair = per_branch(pair, pair) if pair is not None else None
     cond = {k: per_branch(src_cond[k], tgt_cond[k]) for k in tgt_cond}
     # guidance acts on the target only: the source rows' "unconditional" input is their own condition
@@ -156,7 +156,7 @@ def edit(model, objective, x0: torch.Tensor, src_cond: dict, tgt_cond: dict, nul
     per_image = inv_nfe + grid.nfe * len(p.branches) * (2 if cfg_scale != 1.0 else 1)
     return {
         "edited": out[rows_t], "source_branch": out[rows_s] if len(rows_s) else None, "nfe": per_image,
-        "inversion_nfe": inv_nfe, "seconds": time.perf_counter() - start,
+        "inversion_nfe": inv_nfe, "seconds": time.perf_counter() - t0,
         "feature_cache_mb": round((store.nbytes if store is not None else 0) / 2**20, 3),
         "mask_keep_fraction": (sum(injector.mask_fraction) / len(injector.mask_fraction)) if injector.mask_fraction else None,
         "inverted": inverted,
