@@ -17,3 +17,32 @@ def preset_argument(name: str = "preset"):
 
 
 overrides_argument = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+
+
+def parse_options(opts) -> dict:
+    """--opt KEY=VALUE pairs -> {key: number or string}."""
+    from ditk.errors import ConfigError
+
+    out = {}
+    for opt in opts:
+        if "=" not in opt or opt.startswith("="):
+            raise ConfigError(f"--opt '{opt}' is not KEY=VALUE (e.g. --opt gamma=0.5)")
+        key, value = opt.split("=", 1)
+        try:
+            out[key] = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def split_overrides(items) -> tuple[list, list]:
+    """IMAGES... [KEY=VALUE]...: an item with '=' that is not an existing path is a config override."""
+    import os
+
+    inputs = [i for i in items if "=" not in i or os.path.exists(i)]
+    overrides = [i for i in items if "=" in i and not os.path.exists(i)]
+    if not inputs:
+        from ditk.errors import ConfigError
+
+        raise ConfigError("no input images given: pass image files, a folder, or .safetensors artefacts")
+    return inputs, overrides

@@ -23,6 +23,8 @@ COMMANDS = {
     "restore": "restore",
     "distill": "distill",
     "prune": "prune",
+    "invert": "invert",
+    "edit": "edit",
 }
 
 

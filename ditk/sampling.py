@@ -62,7 +62,7 @@ def sample(
     cond: dict,
     uncond: Optional[dict] = None,
     *,
-    solver: str = "ddpm",
+    solver="ddpm",
     steps: int = 250,
     cfg_scale: float = 1.0,
     cfg_channels: Optional[int] = None,
@@ -86,7 +86,11 @@ def sample(
     the NFE counts of its report. precision "bf16": autocast the model calls to bfloat16 (CUDA only).
     time_shift_window > 0: the time-shift sampler (TS-DDIM, see `TimeShift`; solver ddim only).
 
-    step_hooks: objects that steer the loop per step (restoration, editing); see `StepHook`."""
+    step_hooks: objects that steer the loop per step (restoration, editing); see `StepHook`.
+
+    solver may also be a scheduler-like object instead of a SOLVERS name: it supplies `timesteps` and
+    `step(out, t, x) -> .prev_sample` (steps and solver_options are then ignored). `ditk.edit.grids` uses this to
+    run the same loop towards noise (inversion) over a reversed time grid."""
     from diffusers import DDPMScheduler
     from tqdm import tqdm
 
@@ -103,10 +107,14 @@ def sample(
         model_kwargs = cond
 
     device = noise.device
-    build = SOLVERS.get(solver).builder
-    options = dict(solver_options or {})
-    step_kwargs = {k: options.pop(k) for k in list(options) if k in build.step_options}
-    scheduler = build(objective, steps, device=device, **options)
+    if isinstance(solver, str):
+        build = SOLVERS.get(solver).builder
+        options = dict(solver_options or {})
+        step_kwargs = {k: options.pop(k) for k in list(options) if k in build.step_options}
+        scheduler = build(objective, steps, device=device, **options)
+    else:  # a ready scheduler-like object (timesteps, step(out, t, x)); e.g. a ditk.edit.grids inversion grid
+        scheduler, step_kwargs = solver, {}
+        solver, steps = getattr(scheduler, "name", type(scheduler).__name__), len(scheduler.timesteps)
     if time_shift_window:
         scheduler = TimeShift(scheduler, objective, solver, int(time_shift_window), int(time_shift_cutoff))
     if precision not in ("fp32", "bf16"):

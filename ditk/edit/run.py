@@ -1,0 +1,285 @@
+"""What `ditk invert` and `ditk edit` do with a pipeline: read inputs, invert / edit, write the output folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_dir, write_text
+from ..errors import ConfigError
+from .artefact import (check_artefact, expand_inputs, load_artefact, load_images, pipeline_identity, psnr,
+                       save_artefact, ssim)
+from .features import FeatureCapture, FeatureStore
+from .inversion import Inverted, check_method, invert, reconstruct
+
+FEATURE_TENSORS = ("k", "v", "out")
+
+
+def log(msg: str) -> None:
+    print(f"[ditk] {msg}", file=sys.stderr)
+
+
+def image_geometry(pipe) -> tuple[int, int]:
+    """(channels, size) of the images the pipeline's model generates (pixels, before the autoencoder)."""
+    from ..build import latent_shape
+
+    c, h, w = latent_shape(pipe.model)
+    if h != w:
+        raise ConfigError("invert/edit take square images; this model's inputs are not square")
+    down = getattr(pipe.autoencoder, "downsample", 1)
+    if down == 1:
+        return c, h
+    channels = int(getattr(getattr(pipe.autoencoder, "vae", None), "config", {}).get("in_channels", 3))
+    return channels, h * down
+
+
+def conditions(pipe, n: int, labels: Optional[str], prompt: Optional[str], what: str) -> tuple[dict, str]:
+    """Model kwargs for n images from --class-labels / --prompt (None: the null condition), and a description."""
+    conditioner = pipe.conditioner
+    dev = pipe.device
+    if getattr(conditioner, "unconditional", False):
+        if labels or prompt:
+            raise ConfigError(f"this model is unconditional (model.num_classes=0): drop the {what} labels/prompt")
+        return {}, "unconditional"
+    if prompt is not None:
+        if not hasattr(conditioner, "encode_prompts"):
+            raise ConfigError(f"--{'source-' if what == 'source' else ''}prompt needs a text-conditioned model; this one "
+                              "takes class labels: use --class-labels")
+        return conditioner.encode_prompts([prompt] * n, dev), f"prompt: {prompt!r}"
+    if labels is None:
+        return conditioner.uncond(n, dev), "null condition (unconditional branch)"
+    chosen = conditioner.parse_labels(labels)
+    full = torch.tensor([chosen[i % len(chosen)] for i in range(n)])
+    return conditioner.cond(full.to(dev)), f"class labels {full.tolist()}"
+
+
+def _encode(pipe, images: torch.Tensor, seed: int) -> torch.Tensor:
+    return pipe.autoencoder.encode(images.to(pipe.device), generator=torch.Generator(pipe.device).manual_seed(seed)).float()
+
+
+def _decode(pipe, z: torch.Tensor) -> torch.Tensor:
+    return pipe.autoencoder.decode(z).float().cpu()
+
+
+def run_invert(pipe, inputs: Sequence[str], method: str, steps: int, options: dict, labels: Optional[str],
+               prompt: Optional[str], out_dir: Path, save_trajectory: bool, save_features: bool, do_reconstruct: bool,
+               resize: bool, batch_size: int, seed: int, progress: bool) -> dict:
+    check_method(method, pipe.objective, options)
+    paths = expand_inputs(inputs)
+    channels, size = image_geometry(pipe)
+    images = load_images(paths, channels, size, resize)  # all errors before any work
+    cond_all, cond_text = conditions(pipe, len(paths), labels, prompt, "source")
+    identity = pipeline_identity(pipe)
+    latent = getattr(pipe.autoencoder, "downsample", 1) != 1
+    depth = len(pipe.model.blocks)
+    points = [f"blocks.{b}.attn.{t}_hook" for b in range(depth) for t in FEATURE_TENSORS] if save_features else []
+    rows, start = [], time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        for b in range(0, len(paths), batch_size):
+            sl = slice(b, b + batch_size)
+            x0 = _encode(pipe, images[sl], seed)
+            cond = {k: v[sl] for k, v in cond_all.items()}
+            capture = FeatureCapture(pipe.model, points)
+            with capture.attached():
+                inv = invert(pipe.model, pipe.objective, x0, cond, method, steps, options, step_hooks=[capture],
+                             trajectory=save_trajectory, seed=seed + b, progress=progress)
+            recon = None
+            if do_reconstruct:
+                recon, rec_nfe = reconstruct(pipe.model, pipe.objective, inv, cond, method, steps, options)
+            for j, path in enumerate(paths[sl]):
+                meta = {**identity, "source": pipe.source, "method": method, "options": options, "steps": steps,
+                        "schedule": inv.grid, "conditioning": cond_text, "guidance": 1.0, "image": str(path),
+                        "nfe": inv.nfe, "latent": latent}
+                tensors = {"noise": inv.noise[j], "image": x0[j]}
+                if inv.pair is not None:
+                    tensors["pair"] = inv.pair[j]
+                if inv.trajectory is not None:
+                    tensors["trajectory"] = inv.trajectory[:, j]
+                tensors.update(capture.store.to_tensors(j))
+                for k, v in cond.items():
+                    tensors[f"cond|{k}"] = v[j:j + 1]
+                save_artefact(tmp / f"{path.stem}.safetensors", tensors, meta)
+                row = {"image": str(path), "artefact": f"{path.stem}.safetensors", "nfe": inv.nfe,
+                       "feature_mb": round(capture.store.nbytes / 2**20 / len(x0), 4)}
+                rows.append(row)
+            if recon is not None:
+                rec_px, src_px = _decode(pipe, recon), images[sl]
+                bound_px = _decode(pipe, x0) if latent else None
+                p, s = psnr(rec_px.clamp(-1, 1), src_px), ssim(rec_px.clamp(-1, 1), src_px)
+                mse = ((recon - x0) ** 2).flatten(1).mean(1).cpu().tolist()
+                for j in range(len(x0)):
+                    r = rows[b + j]
+                    r.update({"reconstruction_nfe": rec_nfe, "latent_mse": mse[j], "psnr_db": p[j], "ssim": s[j]})
+                    if bound_px is not None:  # the VAE round trip: what a perfect inversion could reach
+                        r["vae_bound_psnr_db"] = psnr(bound_px[j:j + 1].clamp(-1, 1), src_px[j:j + 1])[0]
+                    _save_png(rec_px[j], tmp / "reconstructions" / f"{paths[b + j].stem}.png")
+        report = {"source": pipe.source, "method": method, "steps": steps, "options": options,
+                  "guidance": "none (cfg scale 1): inversion is not defined under guidance", "conditioning": cond_text,
+                  "seconds": round(time.perf_counter() - start, 3), "images": rows}
+        if do_reconstruct:
+            report["mean_psnr_db"] = float(np.mean([r["psnr_db"] for r in rows]))
+            report["mean_latent_mse"] = float(np.mean([r["latent_mse"] for r in rows]))
+        write_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")
+        _lineage(tmp, pipe, inputs)
+    return report
+
+
+def _save_png(image: torch.Tensor, path: Path) -> None:
+    from ..io import save_pngs
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_pngs(image[None], path.parent, start_index=0)
+    (path.parent / "000000.png").replace(path)
+
+
+def _lineage(folder: Path, pipe, inputs) -> None:
+    from .. import __version__
+
+    info = {"command": sys.argv, "ditk_version": __version__, "parent": str(pipe.run_dir or pipe.source),
+            "inputs": [str(i) for i in inputs]}
+    write_text(folder / "lineage.json", json.dumps(info, indent=2) + "\n")
+
+
+def read_inputs(pipe, inputs: Sequence[str], resize: bool, seed: int) -> tuple[list[Path], torch.Tensor, list]:
+    """Images or inversion artefacts -> (paths, x0 latents (N, C, H, W), per-input artefact (tensors, meta) or None)."""
+    paths = expand_inputs(inputs, suffixes=(".png", ".jpg", ".jpeg", ".bmp", ".webp", ".safetensors"))
+    identity = pipeline_identity(pipe)
+    channels, size = image_geometry(pipe)
+    xs, arts = [], []
+    for p in paths:
+        if p.suffix == ".safetensors":
+            tensors, meta = load_artefact(p)
+            check_artefact(p, meta, identity)
+            xs.append(tensors["image"].to(pipe.device)[None])
+            arts.append((tensors, meta))
+        else:
+            xs.append(_encode(pipe, load_images([p], channels, size, resize), seed))
+            arts.append(None)
+    return paths, torch.cat(xs), arts
+
+
+def reuse_inversion(arts: list, plan_, steps: int, points: list[str], device) -> tuple[Optional[Inverted], Optional[FeatureStore]]:
+    """The artefacts' inversion when every input is an artefact of the plan's method and steps holding the features
+    the plan injects; otherwise (None, None) and the edit inverts again."""
+    if not arts or any(a is None for a in arts):
+        return None, None
+    for tensors, meta in arts:
+        if meta.get("method") != plan_.inversion or int(meta.get("steps", -1)) != steps or meta.get("options", {}) != plan_.inversion_options:
+            return None, None
+        have = {k.split("|")[2] for k in tensors if k.startswith("feat|")}
+        if not set(points) <= have:
+            return None, None
+    noise = torch.stack([t["noise"] for t, _ in arts]).to(device)
+    pair = torch.stack([t["pair"] for t, _ in arts]).to(device) if "pair" in arts[0][0] else None
+    store = FeatureStore.concat([FeatureStore.from_tensors({k: v for k, v in t.items() if k.split("|")[-1] in points or not k.startswith("feat|")})
+                                 for t, _ in arts])
+    return Inverted(noise=noise, pair=pair, nfe=0, grid={}), store
+
+
+def digits_classifier():
+    """The shipped digits CNN (ditk/metrics/weights/digits-cnn.safetensors, sha256-checked): (N, 1, 8, 8) images in
+    [-1, 1] -> (logits (N, 10), features (N, 64))."""
+    from safetensors.torch import load_file
+
+    from ..metrics import offline
+    from ..metrics.extractors import DIGITS_SHA256, DIGITS_WEIGHTS, DigitsNet
+
+    offline.verify(DIGITS_WEIGHTS, DIGITS_SHA256, "digits extractor")
+    net = DigitsNet()
+    net.load_state_dict(load_file(DIGITS_WEIGHTS))
+    net.eval()
+
+    @torch.no_grad()
+    def classify(images: torch.Tensor):
+        x = images.float().mean(dim=1, keepdim=True)
+        if x.shape[-1] != 8:
+            x = torch.nn.functional.adaptive_avg_pool2d(x, 8)
+        x = (x.clamp(-1, 1) + 1) / 2  # the classifier's convention: [0, 1], ink bright
+        return net(x), net.features(x)
+
+    return classify
+
+
+def edit_scores(source: torch.Tensor, edited: torch.Tensor, targets: Optional[list], classify=None,
+                stroke_threshold: float = 0.5) -> list[dict]:
+    """Per image: PSNR/SSIM to the source, PSNR outside the changed strokes (pixels whose value moved by more than
+    `stroke_threshold` on the [-1, 1] scale, i.e. a quarter of the range), the changed fraction, and with a
+    classifier the predicted class, the target's probability and the feature distance to the source."""
+    changed = ((edited - source).abs().amax(dim=1, keepdim=True) > stroke_threshold).float()
+    out = [{"psnr_db": p, "ssim": s, "psnr_outside_changed_db": po, "changed_fraction": float(c.mean())}
+           for p, s, po, c in zip(psnr(edited, source), ssim(edited, source), psnr(edited, source, 1 - changed), changed)]
+    if classify is not None:
+        logits, feats = classify(edited)
+        _, feats_src = classify(source)
+        prob = logits.softmax(-1)
+        for i, row in enumerate(out):
+            row["predicted_class"] = int(prob[i].argmax())
+            row["feature_distance"] = float((feats[i] - feats_src[i]).norm())
+            if targets is not None:
+                row["target_class"] = int(targets[i])
+                row["target_probability"] = float(prob[i, targets[i]])
+                row["success"] = row["predicted_class"] == row["target_class"]
+    return out
+
+
+def run_edit(pipe, inputs: Sequence[str], method: str, steps: int, knobs: dict, inversion: Optional[str],
+             rules, target_labels: Optional[str], target_prompt: Optional[str], source_labels: Optional[str],
+             source_prompt: Optional[str], cfg_scale: float, mask_path: Optional[str], out_dir: Path, resize: bool,
+             seed: int) -> dict:
+    from ..io import save_grid, save_npz, save_pngs, to_uint8
+    from .editors import edit, plan
+    from .spec import capture_points, token_mask_from_image
+
+    if target_labels is None and target_prompt is None:
+        raise ConfigError("say what to edit towards: --class-labels for class-conditional models, --prompt for text models")
+    depth = len(pipe.model.blocks)
+    p = plan(method, pipe.objective, depth, steps, knobs, inversion, rules)
+    paths, x0, arts = read_inputs(pipe, inputs, resize, seed)
+    n = len(paths)
+    src_cond, src_text = conditions(pipe, n, source_labels, source_prompt, "source")
+    tgt_cond, tgt_text = conditions(pipe, n, target_labels, target_prompt, "target")
+    null_cond = pipe.conditioner.uncond(n, pipe.device)
+    if cfg_scale != 1.0 and getattr(pipe.conditioner, "unconditional", False):
+        raise ConfigError("guidance needs a conditional model: use --cfg-scale 1")
+    image_mask = None
+    if mask_path is not None:
+        channels, size = image_geometry(pipe)
+        m = (load_images([Path(mask_path)], 1, size, resize=True) + 1) / 2  # white = the region to edit
+        grid = pipe.model.x_embedder.grid_size
+        image_mask = token_mask_from_image(m.expand(n, -1, -1, -1), grid)
+    inverted, store = reuse_inversion(arts, p, steps, capture_points(p.rules), pipe.device)
+    if inverted is not None:
+        log(f"reusing the inversion stored in the {n} artefact(s)")
+    res = edit(pipe.model, pipe.objective, x0, src_cond, tgt_cond, null_cond, p, steps, cfg_scale=cfg_scale,
+               image_mask=image_mask, inverted=inverted, store=store, seed=seed)
+    edited = _decode(pipe, res["edited"]).clamp(-1, 1)
+    source_px = _decode(pipe, x0).clamp(-1, 1)
+    classify = digits_classifier() if pipe.cfg.data.name == "digits" else None
+    targets = tgt_cond["y"].tolist() if "y" in tgt_cond and target_prompt is None else None
+    scores = edit_scores(source_px, edited, targets, classify)
+    with atomic_dir(out_dir) as tmp:
+        save_pngs(edited, tmp / "images")
+        if res["source_branch"] is not None:
+            save_pngs(_decode(pipe, res["source_branch"]).clamp(-1, 1), tmp / "source_branch")
+        save_npz(to_uint8(edited), tmp / "samples.npz")
+        save_grid(torch.cat([source_px, edited]), tmp / "grid.png", nrow=n, scale=max(1, 64 // source_px.shape[-1]))
+        report = {
+            "source": pipe.source, "method": method, "inversion": p.inversion, "steps": steps, "knobs": knobs,
+            "rules": [r.__dict__ for r in p.rules], "cfg_scale": cfg_scale, "source_condition": src_text,
+            "target_condition": tgt_text, "nfe_per_image": res["nfe"], "inversion_nfe": res["inversion_nfe"],
+            "seconds": round(res["seconds"], 3), "feature_cache_mb": res["feature_cache_mb"],
+            "mask_keep_fraction": res["mask_keep_fraction"],
+            "images": [{"input": str(pth), **s} for pth, s in zip(paths, scores)],
+        }
+        if targets is not None and classify is not None:
+            report["edit_success"] = float(np.mean([s["success"] for s in scores]))
+        report["mean_psnr_outside_changed_db"] = float(np.mean([min(s["psnr_outside_changed_db"], 99.0) for s in scores]))
+        write_text(tmp / "report.json", json.dumps(report, indent=2, default=list) + "\n")
+        _lineage(tmp, pipe, inputs)
+    return report
