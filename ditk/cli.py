@@ -20,6 +20,7 @@ COMMANDS = {
     "sample": "sample",
     "presets": "presets",
     "evaluate-fid": "evaluate_fid",
+    "quantize": "quantize",
 }
 
 

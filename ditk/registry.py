@@ -82,3 +82,5 @@ CONDITIONERS = Registry("conditioner", ["ditk.conditioners"])
 FEATURE_EXTRACTORS = Registry("feature extractor", ["ditk.metrics.extractors"])
 
 CACHE_POLICIES = Registry("cache policy", ["ditk.cache.*"])
+QUANT_SCHEMES = Registry("quantization scheme", ["ditk.quantize.real"])
+PTQ_METHODS = Registry("simulated PTQ method", ["ditk.quantize.methods.*"])
