@@ -25,6 +25,7 @@ COMMANDS = {
     "prune": "prune",
     "invert": "invert",
     "edit": "edit",
+    "quantize": "quantize",
 }
 
 

@@ -76,7 +76,11 @@ def load_pipeline(source: str, preset: Optional[str] = None, overrides: Sequence
     if not objective.solvers:  # e.g. A-JEPA, an encoder: say so before anything else is built or drawn
         raise ConfigError(getattr(objective, "why_no_solvers", f"objective '{objective.name}' has nothing to sample"))
     check_model_objective(model, objective, cfg)
-    if state_dict is not None:
+    if run_dir is not None and (run_dir / "quantization.json").is_file():  # `ditk quantize` output: quantized layers
+        from .quantize.folder import load_into
+
+        load_into(model, run_dir, ckpt)
+    elif state_dict is not None:
         from .models.convert import load_state_dict_checked
 
         # weights that disagree with config.yaml (an edited depth, ...) are one line naming the key

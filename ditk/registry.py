@@ -83,3 +83,5 @@ FEATURE_EXTRACTORS = Registry("feature extractor", ["ditk.metrics.extractors"])
 
 CACHE_POLICIES = Registry("cache policy", ["ditk.cache.*"])
 DISTILL_METHODS = Registry("distillation method", ["ditk.distill.*"])
+QUANT_SCHEMES = Registry("quantization scheme", ["ditk.quantize.real"])
+PTQ_METHODS = Registry("simulated PTQ method", ["ditk.quantize.methods.*"])

@@ -1,0 +1,1 @@
+"""Simulated (fake-quant) PTQ methods: one module per paper, each a PTQ_METHODS entry."""
