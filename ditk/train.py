@@ -174,7 +174,8 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=tc.num_workers,
                                          pin_memory=device.type == "cuda", persistent_workers=tc.num_workers > 0)
     batches = iter(loader)
-    input_shape = latent_shape(raw_model)
+    # The noise drawn per item: the model's input shape, unless the objective needs another (Diffusion-LM: two draws).
+    input_shape = objective.noise_shape(raw_model) if hasattr(objective, "noise_shape") else latent_shape(raw_model)
     drop_p = float(getattr(cfg.model, "class_dropout_prob", 0.0))
 
     def save(step: int) -> None:
