@@ -45,8 +45,12 @@ SHORTCUTS = {"num": "sample.num", "batch_size": "sample.batch_size", "seed": "sa
 @click.option("--compare-to-full", is_flag=True, help="Also sample the same seeds without the cache: speed-up and PSNR in report.json.")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True),
               help="Audio models: seconds per clip (beyond the training window: overlapping windows, MultiDiffusion).")
+@click.option("--images", multiple=True, help="Captioning runs: caption these pictures (files or folders; "
+              "`--images a.png b.png`). Without it a captioning run captions its held-out split and scores it.")
+@click.option("--num-captions", type=int, help="Captioning runs: captions per image, each from its own seed (default 1).")
+@click.option("--resize", is_flag=True, help="Captioning runs: scale --images to the image encoder's size.")
 def command(source, overrides, preset, weights, device, out, no_progress, moe_stats, cache_opts, calibrate, compile_,
-            compare_to_full, duration, **shortcuts):
+            compare_to_full, duration, images, num_captions, resize, **shortcuts):
     """Sample from SOURCE: a run directory, a checkpoints/step-N folder, or weights + --preset.
 
     \b
@@ -73,7 +77,18 @@ def command(source, overrides, preset, weights, device, out, no_progress, moe_st
         extra.append(f"sample.cache_options.{opt}")
     if compile_:
         extra.append("sample.compile=true")
+    if images:  # captioning: the paths after the first arrive among the positional KEY=VALUE arguments
+        from ditk.caption.generate import image_paths
+
+        images, overrides = image_paths(images, overrides)
     pipe = load_pipeline(source, preset=preset, overrides=[*overrides, *extra], weights=weights, device=device)
+    from ditk.generate import modality
+
+    if images or num_captions is not None or resize or modality(pipe.cfg) == "caption":
+        from ditk.caption.generate import caption_command
+
+        click.echo(str(caption_command(pipe, source, out, images, num_captions, resize, not no_progress)))
+        return
     out_dir = Path(out) if out else default_out_dir(pipe, source, duration)
     from ditk.moe_stats import expert_usage
 

@@ -51,6 +51,8 @@ def latent_shape(model) -> tuple:
 
 def check_model_data(model, data_shape: tuple, latent_channels: int, downsample: int, num_classes: int) -> None:
     """The model must accept what the dataset + autoencoder produce; say which key to change if not."""
+    if hasattr(model, "check_data"):  # models of non-image data (captions) check their own input
+        return model.check_data(data_shape, num_classes)
     c, h, w = data_shape
     want_c, want_size, want_w = latent_channels, h // downsample, w // downsample
     if model.in_channels != want_c:

@@ -159,6 +159,10 @@ def write_training_grid(pipe: Pipeline, path: Path) -> None:
         from .audio.generate import write_training_spectrograms
 
         return write_training_spectrograms(pipe, path)
+    if modality(pipe.cfg) == "caption":  # captioning runs: held-out pictures with their sampled captions
+        from .caption.generate import write_training_captions
+
+        return write_training_captions(pipe, path)
     from .io import save_grid
 
     was_training = pipe.model.training

@@ -78,7 +78,7 @@ OBJECTIVES = Registry("objective", ["ditk.objectives.*"])
 SOLVERS = Registry("solver", ["ditk.sampling"])
 DATASETS = Registry("dataset", ["ditk.data.*"])
 AUTOENCODERS = Registry("autoencoder", ["ditk.autoencoders", "ditk.audio.vae"])
-CONDITIONERS = Registry("conditioner", ["ditk.conditioners"])
+CONDITIONERS = Registry("conditioner", ["ditk.conditioners", "ditk.caption.encoders"])
 FEATURE_EXTRACTORS = Registry("feature extractor", ["ditk.metrics.extractors"])
 
 CACHE_POLICIES = Registry("cache policy", ["ditk.cache.*"])

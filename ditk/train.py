@@ -210,7 +210,8 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
     batches = iter(loader)
     if state:  # the global RNG last, once nothing else will draw from it before the first step
         torch.set_rng_state(state["rng"]["torch"])
-    input_shape = latent_shape(raw_model)
+    # The noise drawn per item: the model's input shape, unless the objective needs another (Diffusion-LM: two draws).
+    input_shape = objective.noise_shape(raw_model) if hasattr(objective, "noise_shape") else latent_shape(raw_model)
     drop_p = float(getattr(cfg.model, "class_dropout_prob", 0.0))
 
     def save(step: int) -> None:

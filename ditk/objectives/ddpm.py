@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..registry import OBJECTIVES
 from .base import Objective, broadcast_to, build_scheduler, cfg_get, mean_flat
 
-BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
+BETA_SCHEDULES = ("linear", "squaredcos_cap_v2", "sqrt")
 VARIANCES = ("learned_range", "fixed_small", "fixed_large")
 
 
@@ -51,13 +51,19 @@ def get_beta_schedule(name: str, num_timesteps: int, beta_start: float = 1e-4, b
         return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
     if name == "squaredcos_cap_v2":
         # alpha_bar(t) = cos^2((t + s) / (1 + s) * pi / 2), s = 0.008; beta capped at 0.999 near t = 1.
-        def alpha_bar(t):
-            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-        steps = range(num_timesteps)
-        betas = [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), 0.999) for i in steps]
-        return np.array(betas, dtype=np.float64)
+        return _betas_from_alpha_bar(lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2, num_timesteps)
+    if name == "sqrt":
+        # Diffusion-LM's schedule for word embeddings: alpha_bar(t) = 1 - sqrt(t + 0.0001) (its betas_for_alpha_bar);
+        # the noise rises fast at first, so that recovering a token is not trivially easy at small t.
+        return _betas_from_alpha_bar(lambda t: 1 - math.sqrt(t + 0.0001), num_timesteps)
     raise ConfigError(f"unknown beta_schedule '{name}': use one of {', '.join(BETA_SCHEDULES)}")
+
+
+def _betas_from_alpha_bar(alpha_bar, num_timesteps: int) -> np.ndarray:
+    """beta_i = 1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), capped at 0.999 (iDDPM's betas_for_alpha_bar)."""
+    steps = range(num_timesteps)
+    betas = [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), 0.999) for i in steps]
+    return np.array(betas, dtype=np.float64)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -117,6 +123,7 @@ class DDPM(Objective):
 
     name = "ddpm"
     solvers = ("ddpm", "ddim", "dpm-solver++", "unipc", "lcm")
+    prediction_type = "epsilon"  # what the model outputs, in diffusers' words (a subclass may predict "sample")
 
     def __init__(self, cfg=None):
         cfg = DDPMConfig() if cfg is None else cfg
@@ -274,7 +281,8 @@ class DDPM(Objective):
 
         # The same float64 betas as training (diffusers keeps them in float32).
         common = dict(
-            num_train_timesteps=self.num_timesteps, trained_betas=self.betas_np.tolist(), prediction_type="epsilon"
+            num_train_timesteps=self.num_timesteps, trained_betas=self.betas_np.tolist(),
+            prediction_type=self.prediction_type,
         )
         if solver == "ddpm":
             # DiT's respacing keeps round(k (T-1)/(N-1)), strides of 4 and 5 for N=250 (diffusers "linspace" gives
