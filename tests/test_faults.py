@@ -66,11 +66,11 @@ def metrics(run: Path) -> list:
 
 
 def digests(run: Path) -> dict:
-    """checkpoint -> {file: sha256} of its safetensors, from its manifest (the files are verified against it)."""
+    """checkpoint -> {file: checksum} of its safetensors, from its manifest (the files are verified against it)."""
     out = {}
     for ckpt in sorted((run / "checkpoints").glob("step-*")):
         files = json.loads((ckpt / "manifest.json").read_text())["files"]
-        out[ckpt.name] = {k: v["sha256"] for k, v in files.items() if k.endswith(".safetensors")}
+        out[ckpt.name] = {k: v["checksum"] for k, v in files.items() if k.endswith(".safetensors")}
     return out
 
 
@@ -253,13 +253,13 @@ def test_bit_flipped_weights_are_detected(runs, tmp_path):
                        tmp_path / "good", "--no-progress")
     assert good.returncode == 0, good.stderr
     proc = invoke_ditk("sample", run, "--num", "2", "--out", tmp_path / "s", "--no-progress")
-    assert proc.returncode == 0 and "ema.safetensors does not match its sha256: damaged" in proc.stderr
+    assert proc.returncode == 0 and "ema.safetensors does not match its checksum: damaged" in proc.stderr
     assert "using step-000003" in proc.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "s" / "samples.npz")["arr_0"],
                                   np.load(tmp_path / "good" / "samples.npz")["arr_0"])
     # Asked for explicitly, the damaged checkpoint is refused rather than replaced.
     line = one_line(invoke_ditk("sample", run / "checkpoints" / "step-000006", "--num", "2", "--out", tmp_path / "x"))
-    assert "step-000006 is damaged (ema.safetensors does not match its sha256" in line
+    assert "step-000006 is damaged (ema.safetensors does not match its checksum" in line
     assert not (tmp_path / "x").exists()
 
 
@@ -272,7 +272,11 @@ def test_no_verifying_checkpoint_is_an_error_not_a_fresh_start(runs, tmp_path):
     line = one_line(train(run, 9))
     assert "has 2 checkpoint(s) but none verifies" in line and "model.safetensors has" in line
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
-    assert "none verifies" in one_line(invoke_ditk("sample", run, "--out", tmp_path / "s"))
+    # Sampling reads only ema.safetensors, which is intact in step-000006: it goes on.
+    proc = invoke_ditk("sample", run, "--num", "2", "--out", tmp_path / "s", "--no-progress")
+    assert proc.returncode == 0 and "using" not in proc.stderr, proc.stderr
+    proc = invoke_ditk("sample", run, "--weights", "model", "--num", "2", "--out", tmp_path / "m", "--no-progress")
+    assert proc.returncode == 0 and "using step-000003" in proc.stderr  # its model.safetensors is intact
 
 
 def test_torn_metrics_line_is_dropped(runs, tmp_path):
