@@ -266,7 +266,8 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
         # The same on every process: the loss is averaged over them and the gradient norm is global.
         loss_value = accelerator.reduce(step_loss.to(device), "mean").item()
-        finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
+        # fp16: an inf gradient norm is the loss scaler's business (it skips that step and lowers the scale)
+        finite = math.isfinite(loss_value) and (tc.mixed_precision == "fp16" or math.isfinite(float(grad_norm)))
         if not finite:
             if skipped >= tc.skip_nonfinite:
                 bar.close()

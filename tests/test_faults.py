@@ -388,10 +388,10 @@ def test_failed_sample_leaves_nothing_that_blocks(runs, tmp_path):
 
 def test_failed_train_leaves_nothing_that_blocks(tmp_path):
     run = tmp_path / "r"
-    bad = invoke_ditk("train", *ARGS, "train.max_steps=2", f"run.dir={tmp_path}", "run.name=r",
-                      "train.global_batch_size=15", "train.grad_accum_steps=2")
-    assert "not divisible" in one_line(bad)
-    assert not run.exists()
+    bad = invoke_ditk("train", *ARGS, "train.max_steps=2", f"run.dir={tmp_path / 'runs'}", "run.name=r",
+                      "data.name=image-folder", f"data.path={tmp_path / 'no-such-folder'}")
+    assert "no-such-folder' is not a folder" in one_line(bad)
+    assert not (tmp_path / "runs").exists()  # neither the run nor the runs/ folder it made
     # A start killed after its first steps but before its first checkpoint does not block a changed config.
     child = fork_train(run, 100_000, "train.log_every=1", "train.ckpt_every=1000")
     wait_for_records(run, 1, child)
