@@ -138,7 +138,7 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
         torch.backends.cudnn.allow_tf32 = True
 
     run = RunDir(run_path)
-    ckpt = run.latest_checkpoint()  # verified; falls back past a damaged one (and says so)
+    ckpt = run.latest_checkpoint(say=accelerator.is_main_process)  # verified; falls back past a damaged one
     log(f"{world} process(es) on {device}, {micro} images per micro-batch, mixed precision: {tc.mixed_precision}")
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
@@ -228,6 +228,7 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (progress and accelerator.is_main_process),
                desc="train", file=sys.stderr, dynamic_ncols=True)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    timed_steps = 0  # steps run by this process since the last record (the speed; the window may predate a resume)
     window_loss = float(state.get("log_window", {}).get("loss_sum", 0.0))
     window_steps = int(state.get("log_window", {}).get("steps", 0))
     skipped = int(state.get("nonfinite_skipped", 0))
@@ -290,6 +291,7 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
         if hasattr(objective, "end_step"):  # e.g. A-JEPA's momentum update of its target encoder
             objective.end_step(raw_model, step, tc.max_steps)
         step += 1
+        timed_steps += 1
         bar.update(1)
 
         if finite:
@@ -299,13 +301,13 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
             elapsed = time.perf_counter() - window_start
             record = {"step": step, "loss": window_loss / window_steps if window_steps else None,  # None: all skipped
                       "lr": lr_scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm), "images_per_sec": window_steps * tc.global_batch_size / elapsed}
+                      "grad_norm": float(grad_norm), "images_per_sec": timed_steps * tc.global_batch_size / elapsed}
             if tc.skip_nonfinite:
                 record["skipped_steps"] = skipped
             if accelerator.is_main_process:
                 run.append_metrics(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "skipped")
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            window_loss, window_steps, window_start, timed_steps = 0.0, 0, time.perf_counter(), 0
 
         stop = torch.tensor(float(preempt.signum is not None), device=device)
         stop = accelerator.reduce(stop, "sum").item() > 0  # every process stops at the same step
