@@ -37,6 +37,9 @@ def command(preset, overrides, run_dir, resume, no_progress):
 
     run = RunDir(path)
     created = not path.exists()
+    top = path  # the outermost folder this command creates (runs/ on a first run)
+    while not top.parent.exists() and top.parent != top.parent.parent:
+        top = top.parent
     with run.lock():
         try:
             cfg = prepare_run_dir(cfg, path, resume)
@@ -48,6 +51,13 @@ def command(preset, overrides, run_dir, resume, no_progress):
                 import shutil
 
                 shutil.rmtree(path, ignore_errors=True)
+                for folder in path.parents:  # and the parents it made, if still empty
+                    if folder == top.parent:
+                        break
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
             raise
     click.echo(str(path))
     sys.exit(code)

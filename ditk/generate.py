@@ -56,7 +56,7 @@ def load_pipeline(source: str, preset: Optional[str] = None, overrides: Sequence
     if not path.exists():
         raise ConfigError(f"'{source}' does not exist: pass a run directory (runs/<name>), a checkpoint or a weights file")
     if (path / "config.yaml").is_file() or (path / "state.pt").is_file():
-        run_dir, ckpt = resolve_checkpoint(path)
+        run_dir, ckpt = resolve_checkpoint(path, files=(f"{weights}.safetensors",))  # verifies what it reads
         cfg = load_run_config(run_dir, overrides)
         state_dict = load_weights(ckpt, weights)
         label = f"{run_dir.name}/{ckpt.name}/{weights}"

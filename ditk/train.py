@@ -138,7 +138,7 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
         torch.backends.cudnn.allow_tf32 = True
 
     run = RunDir(run_path)
-    ckpt = run.latest_checkpoint()  # verified; falls back past a damaged one (and says so)
+    ckpt = run.latest_checkpoint(say=accelerator.is_main_process)  # verified; falls back past a damaged one
     log(f"{world} process(es) on {device}, {micro} images per micro-batch, mixed precision: {tc.mixed_precision}")
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
@@ -239,6 +239,7 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (progress and accelerator.is_main_process),
                desc="train", file=sys.stderr, dynamic_ncols=True)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    timed_steps = 0  # steps run by this process since the last record (the speed; the window may predate a resume)
     window_loss = float(state.get("log_window", {}).get("loss_sum", 0.0))
     window_steps = int(state.get("log_window", {}).get("steps", 0))
     skipped = int(state.get("nonfinite_skipped", 0))
@@ -277,7 +278,8 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
         # The same on every process: the loss is averaged over them and the gradient norm is global.
         loss_value = accelerator.reduce(step_loss.to(device), "mean").item()
-        finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
+        # fp16: an inf gradient norm is the loss scaler's business (it skips that step and lowers the scale)
+        finite = math.isfinite(loss_value) and (tc.mixed_precision == "fp16" or math.isfinite(float(grad_norm)))
         if not finite:
             if skipped >= tc.skip_nonfinite:
                 bar.close()
@@ -300,6 +302,7 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
         if hasattr(objective, "end_step"):  # e.g. A-JEPA's momentum update of its target encoder
             objective.end_step(raw_model, step, tc.max_steps)
         step += 1
+        timed_steps += 1
         bar.update(1)
 
         if finite:
@@ -309,13 +312,13 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
             elapsed = time.perf_counter() - window_start
             record = {"step": step, "loss": window_loss / window_steps if window_steps else None,  # None: all skipped
                       "lr": lr_scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm), "images_per_sec": window_steps * tc.global_batch_size / elapsed}
+                      "grad_norm": float(grad_norm), "images_per_sec": timed_steps * tc.global_batch_size / elapsed}
             if tc.skip_nonfinite:
                 record["skipped_steps"] = skipped
             if accelerator.is_main_process:
                 run.append_metrics(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "skipped")
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            window_loss, window_steps, window_start, timed_steps = 0.0, 0, time.perf_counter(), 0
 
         stop = torch.tensor(float(preempt.signum is not None), device=device)
         stop = accelerator.reduce(stop, "sum").item() > 0  # every process stops at the same step

@@ -128,11 +128,12 @@ def test_bad_inputs_exit_2_with_one_line(audio_sets, tmp_path):
 
     s = audio_sets
     # a run of another model: config and a checkpoint folder are all that is read before refusing it
+    from ditk.runs import RunDir, save_checkpoint
+
     dit = tmp_path / "dit-run"
-    (dit / "checkpoints" / "step-000001").mkdir(parents=True)
+    dit.mkdir()
     (dit / "config.yaml").write_text(to_yaml(resolve("digits-dit")))
-    torch.save({"step": 1}, dit / "checkpoints" / "step-000001" / "state.pt")
-    (dit / "checkpoints" / "latest").write_text("step-000001\n")
+    save_checkpoint(RunDir(dit), 1, {}, {}, {"step": 1})  # a complete (empty) checkpoint: its manifest verifies
     (tmp_path / "empty").mkdir()
     cases = [
         ([s["real"], s["ref"]], "needs --features"),
