@@ -111,6 +111,11 @@ class Distiller:
         self.teacher, self.teacher_cfg = load_teacher(self.options.teacher, device)
         self.ema, self.conditioner = ema, conditioner
 
+    @property
+    def cfg_channels(self) -> Optional[int]:
+        """The channels the teacher's guidance applies to (its run's sample.cfg_channels: DiT's 3 of 4 latents)."""
+        return self.teacher_cfg.sample.cfg_channels if self.teacher_cfg is not None else None
+
     def uncond_like(self, cond: dict, n: int) -> Optional[dict]:
         """The null conditioning of a batch of n (None for an unconditional model)."""
         if self.conditioner is None or getattr(self.conditioner, "unconditional", False):

@@ -140,7 +140,7 @@ class DMD2(Distiller):
 
     def x0_pred(self, model, x, t, cond, scale: float = 1.0) -> torch.Tensor:
         uncond = self.uncond_like(cond, len(x)) if scale != 1.0 else None
-        out = guided(model, x, self.base.model_time(t), cond, uncond, scale, x.shape[1])[:, : x.shape[1]]
+        out = guided(model, x, self.base.model_time(t), cond, uncond, scale, x.shape[1], self.cfg_channels)[:, : x.shape[1]]
         if self.kind == "ddpm":
             return self.base.predict_xstart_from_eps(x, t, out)
         return x - broadcast_to(t, x) * out

@@ -133,7 +133,7 @@ class Progressive(Distiller):
     def predict_x0(self, model, z, t, alpha, sigma, cond, scale: float):
         """x̂ = (z − σ ε̂) / α from the model's ε (guided with `scale`)."""
         uncond = self.uncond_like(cond, len(z)) if scale != 1.0 else None
-        eps = guided(model, z, self.base.model_time(t), cond, uncond, scale, z.shape[1])[:, : z.shape[1]]
+        eps = guided(model, z, self.base.model_time(t), cond, uncond, scale, z.shape[1], self.cfg_channels)[:, : z.shape[1]]
         return (z - broadcast_to(sigma, z) * eps) / broadcast_to(alpha, z)
 
     def training_losses(self, model, x0, t, noise, model_kwargs=None) -> dict:
