@@ -112,7 +112,7 @@ class Consistency(Distiller):
     def prediction(self, model, x, t, cond, scale: float = 1.0) -> torch.Tensor:
         """The model's ε or velocity at (x, t) (first C channels), guided with `scale`."""
         uncond = self.uncond_like(cond, len(x)) if scale != 1.0 else None
-        out = guided(model, x, self.base.model_time(t), cond, uncond, scale, x.shape[1])
+        out = guided(model, x, self.base.model_time(t), cond, uncond, scale, x.shape[1], self.cfg_channels)
         return out[:, : x.shape[1]]
 
     def x0_from(self, x, t, pred) -> torch.Tensor:
