@@ -138,3 +138,25 @@ def test_block_influence_equals_hand_computation():
                     store.append(float(row_a @ row_b / (row_a.norm() * row_b.norm())))
     expected = [1 - sum(c) / len(c) for c in cos]
     assert bi == pytest.approx(expected, abs=1e-12)
+
+
+def test_tinyfusion_paper_preset_builds_the_14_block_dit_xl():
+    from ditk.config import resolve
+    from ditk.prune.learnable import MaskSearch
+    from ditk.prune.layout import pruned_section
+    from ditk.prune.run import model_section
+    from ditk.prune.score import target_units
+
+    cfg = resolve("tinyfusion-dit-xl-2-2to4", ["prune.source=DiT-XL-2-256x256.pt"], allow_missing=("data", "autoencoder"))
+    section = model_section(cfg)
+    layout = layout_for("dit", section)
+    assert target_units(layout, int(cfg.prune.keep), str(cfg.prune.pattern)) == (14, 2, 4)
+    search = MaskSearch(28, 2, 4)
+    assert tuple(search.logits.shape) == (7, 6)  # 7 groups, C(4, 2) = 6 masks each
+    small = pruned_section("dit", section, search.decision())
+    with torch.device("meta"):
+        big, tiny = build_from_section("dit", section), build_from_section("dit", small)
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    block = sum(p.numel() for p in big.blocks[0].parameters())
+    assert len(tiny.blocks) == 14 and n(tiny) == n(big) - 14 * block
+    assert abs(n(tiny) / 1e6 - 340) < 1  # TinyDiT-D14: 340M parameters (TinyFusion, ≈ from the paper's table)
