@@ -1,6 +1,6 @@
 """`ditk prune PRESET prune.source=RUN [key=value ...]`: a smaller model, written as an ordinary run."""
 
-import json
+import sys
 from pathlib import Path
 
 import click
@@ -34,7 +34,8 @@ def command(preset, overrides, run_dir, no_progress):
       ditk prune tinyfusion-dit-xl-2-2to4 prune.source=DiT-XL-2-256x256.pt ...
 
     Writes runs/<name>/ (config.yaml with the real depth, checkpoints/, pruning.json, lineage.json) and prints
-    its path on stdout.
+    its path on stdout. Exit 75 when the recovery is pre-empted: resume it with
+    `ditk train runs/<name>/config.yaml --run-dir runs/<name>`.
     """
     from ditk.config import resolve
 
@@ -48,5 +49,6 @@ def command(preset, overrides, run_dir, no_progress):
     check_request(cfg, out)  # bad input: one line, nothing written, before torch is imported
     from ditk.prune.run import prune
 
-    prune(cfg, out, progress=not no_progress)
+    report = prune(cfg, out, progress=not no_progress)
     click.echo(str(out))
+    sys.exit(report.get("recovery_exit_code", 0))  # 75: recovery pre-empted (checkpoint saved; resume with ditk train)

@@ -97,7 +97,7 @@ def load_source(cfg: DictConfig) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def lineage(out: Path, cfg: DictConfig) -> dict:
+def lineage(cfg: DictConfig) -> dict:
     import platform
 
     from .. import __version__
@@ -131,7 +131,7 @@ def write_run(out: Path, cfg: DictConfig, small: torch.nn.Module, report: dict) 
         torch.save(state, ckpt / "state.pt")
         (tmp / "checkpoints" / "latest").write_text(ckpt.name + "\n")
         (tmp / "pruning.json").write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / "lineage.json").write_text(json.dumps(lineage(out, cfg), indent=2) + "\n")
+        (tmp / "lineage.json").write_text(json.dumps(lineage(cfg), indent=2) + "\n")
 
 
 def prune(cfg: DictConfig, out: Path, progress: bool = True) -> dict:

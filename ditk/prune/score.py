@@ -79,7 +79,8 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
 def target_units(layout: Layout, keep: int = 0, pattern: str = "") -> tuple[int, int | None, int | None]:
     """Validate the target; returns (units to keep, N, M) where N:M is set for a pattern."""
     if bool(keep) == bool(pattern):
-        raise ConfigError("give exactly one target: prune.keep=<blocks to keep> or prune.pattern=N:M")
+        raise ConfigError("give exactly one target: prune.keep=<blocks to keep> or prune.pattern=N:M "
+                          "(with a pattern over a preset that sets prune.keep, add prune.keep=0)")
     units = len(layout.units)
     if pattern:
         n, m = parse_pattern(pattern)
