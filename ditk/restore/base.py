@@ -51,7 +51,14 @@ class Method:
         out = {}
         for key, default in cls.options.items():
             value = given.get(key, default)
-            out[key] = cls.default_option(key, op) if value is None else type(default if default is not None else 0.0)(value)
+            if value is None:
+                out[key] = cls.default_option(key, op)
+            elif isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"method {cls.name}: option {key} is true or false, got {value!r}")
+                out[key] = value
+            else:
+                out[key] = type(default if default is not None else 0.0)(value)
         return out
 
     @classmethod

@@ -6,7 +6,10 @@ the model, of the measurement error mapped back to image space,
 (with sigma_y = 0, v = A^dagger y - A^dagger A x0: the noiseless form of the paper), and (Algorithm 1)
     x_{t-1} = sqrt(abar_prev) x0 + c1 n + c2 eps + w sqrt(abar_t) g,
     c1 = eta sqrt((1 - abar_t/abar_prev)(1 - abar_prev)/(1 - abar_t)),  c2 = sqrt(1 - abar_prev - c1^2).
-The Gram inverse comes from the operator's decomposition of A A^T (ditk.restore.operators).
+The Gram inverse comes from the operator's decomposition of A A^T (ditk.restore.operators). x0 is clipped to
+[-1, 1] (option clip, on by default, as ADM's clip_denoised and DPS do): at the noisiest steps x0 = (x_t - ...) /
+sqrt(abar_t) multiplies the prior's error by up to 1/sqrt(abar_t) ~ 160, and on our small CPU prior the
+unclipped guidance diverged (NaN) within ten steps.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ class PiGDM(Method):
     help = "pseudo-inverse guidance: DDIM step + sqrt(abar) * VJP of A^+(y - A x0_hat) through the model"
     needs_pinv = True
     needs_grad = True
-    options = {"eta": 1.0, "scale": 1.0}
+    options = {"eta": 1.0, "scale": 1.0, "clip": True}
 
     def begin(self, scheduler):
         self.grid = DDPMGrid(self.objective, [int(t) for t in scheduler.timesteps])
@@ -34,6 +37,8 @@ class PiGDM(Method):
         ab = self.grid.ab[i]
         eps = split_eps(out, x.shape[1])
         x0 = (x - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)
+        if self.opts["clip"]:  # ADM's clip_denoised: early x0 estimates of a small prior reach |x0| >> 1
+            x0 = x0.clamp(-1, 1)
         r2 = 1.0 - ab
         with torch.no_grad():
             v = r2 * self.op.At(self.op.gram_solve(self.y - self.op.A(x0), r2, self.sigma_y ** 2))
