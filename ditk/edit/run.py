@@ -131,11 +131,10 @@ def run_invert(pipe, inputs: Sequence[str], method: str, steps: int, options: di
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:
-    from ..io import save_pngs
+    from ..io import _pil, to_uint8
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_pngs(image[None], path.parent, start_index=0)
-    (path.parent / "000000.png").replace(path)
+    _pil(to_uint8(image[None])[0]).save(path)
 
 
 def _lineage(folder: Path, pipe, inputs) -> None:

@@ -1,0 +1,102 @@
+"""`ditk invert` and `ditk edit` on the session's tiny trained run: outputs, artefacts, one-line input errors."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ditk_testing import TINY, invoke_ditk
+
+
+@pytest.fixture(scope="module")
+def digit_pngs(tmp_path_factory):
+    from ditk.data.digits import Digits
+    from ditk.io import save_pngs
+
+    folder = tmp_path_factory.mktemp("digits")
+    d = Digits(split="test")
+    save_pngs(d.images[:3], folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flowruns")
+    invoke_ditk("train", "digits-dit-flow", *TINY, "train.max_steps=3", f"run.dir={root}", "--no-progress", check=True)
+    return root / "digits-dit-flow"
+
+
+def test_invert_writes_artefacts_and_a_reconstruction_report(trained_run, digit_pngs, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "inv"
+    proc = invoke_ditk("invert", trained_run, digit_pngs, "--method", "bdia", "--steps", "8", "--reconstruct",
+                       "--save-trajectory", "--save-features", "--class-labels", "0,1,2", "--out", out, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out)
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["images"]) == 3 and "guidance" in report
+    assert report["mean_psnr_db"] > 60  # BDIA is exact up to float32 rounding
+    with safe_open(str(out / "000000.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["ditk"])
+        keys = set(f.keys())
+        assert f.get_tensor("trajectory").shape == (9, 1, 8, 8)  # 8 evaluation points + the end point
+    assert {"noise", "pair", "image", "trajectory"} <= keys
+    assert any(k.startswith("feat|") and k.endswith("blocks.1.attn.v_hook") for k in keys)
+    assert meta["method"] == "bdia" and meta["steps"] == 8 and meta["schedule"]["kind"] == "alphas_cumprod"
+    assert meta["model"]["depth"] == 2 and len(meta["schedule"]["values"]) == 9
+    assert (out / "lineage.json").is_file() and (out / "reconstructions" / "000000.png").is_file()
+
+    # edit from the artefacts (DDPM: tic reuses the stored inversion when method and steps match)
+    edit_out = tmp_path / "edit"
+    proc = invoke_ditk("edit", trained_run, out, "--method", "naive", "--inversion", "bdia", "--steps", "8",
+                       "--source-labels", "0,1,2", "--class-labels", "8", "--out", edit_out)
+    assert proc.returncode == 0, proc.stderr
+    assert "reusing the inversion" in proc.stderr
+    report = json.loads((edit_out / "report.json").read_text())
+    assert report["inversion_nfe"] == 0 and len(report["images"]) == 3
+    assert {"predicted_class", "target_class", "feature_distance", "psnr_outside_changed_db"} <= set(report["images"][0])
+    assert np.load(edit_out / "samples.npz")["arr_0"].shape == (3, 8, 8, 1)
+
+
+def test_edit_methods_on_a_flow_run(flow_run, digit_pngs, tmp_path):
+    for method in ("rf-edit", "tic"):
+        out = tmp_path / method
+        proc = invoke_ditk("edit", flow_run, digit_pngs, "--method", method, "--steps", "4", "--class-labels", "5",
+                           "--source-labels", "0,1,2", "--cfg-scale", "2", "--out", out)
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads((out / "report.json").read_text())
+        assert report["method"] == method and report["nfe_per_image"] > 0
+        assert (out / "grid.png").is_file()
+
+
+def _error(*args):
+    proc = invoke_ditk(*map(str, args))
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_bad_inputs_are_one_line_errors(trained_run, flow_run, digit_pngs, tmp_path):
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(big)
+    assert "--resize" in _error("invert", trained_run, big, "--steps", "2", "--out", tmp_path / "a")
+    assert not (tmp_path / "a").exists()  # nothing left behind
+    proc = invoke_ditk("invert", trained_run, big, "--steps", "2", "--resize", "--out", tmp_path / "b", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "out of range" in _error("edit", trained_run, digit_pngs, "--class-labels", "12", "--steps", "2",
+                                    "--out", tmp_path / "c")
+    assert "without guidance" in _error("invert", trained_run, digit_pngs, "--cfg-scale", "3")
+    assert "for rectified-flow models" in _error("invert", trained_run, digit_pngs, "--method", "rf-solver")
+    # an artefact of another model/schedule
+    inv = tmp_path / "flowinv"
+    invoke_ditk("invert", flow_run, digit_pngs, "--method", "euler", "--steps", "2", "--out", inv, "--no-progress",
+                check=True)
+    msg = _error("edit", trained_run, inv / "000000.safetensors", "--class-labels", "3", "--steps", "2")
+    assert "inverted with another" in msg
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("rules:\n  - {blocks: [0, 9], tensor: v, op: replace}\n")
+    assert "names block 9 but the model has 2 blocks" in _error(
+        "edit", trained_run, digit_pngs, "--method", "custom", "--spec", spec, "--class-labels", "3", "--steps", "2")
