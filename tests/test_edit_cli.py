@@ -89,6 +89,11 @@ def test_bad_inputs_are_one_line_errors(trained_run, flow_run, digit_pngs, tmp_p
     assert "out of range" in _error("edit", trained_run, digit_pngs, "--class-labels", "12", "--steps", "2",
                                     "--out", tmp_path / "c")
     assert "without guidance" in _error("invert", trained_run, digit_pngs, "--cfg-scale", "3")
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    assert "not a ditk invert output folder" in _error("invert", trained_run, digit_pngs, "--out", keep)
+    assert (keep / "notes.txt").read_text() == "mine"
     assert "for rectified-flow models" in _error("invert", trained_run, digit_pngs, "--method", "rf-solver")
     # an artefact of another model/schedule
     inv = tmp_path / "flowinv"
@@ -100,3 +105,15 @@ def test_bad_inputs_are_one_line_errors(trained_run, flow_run, digit_pngs, tmp_p
     spec.write_text("rules:\n  - {blocks: [0, 9], tensor: v, op: replace}\n")
     assert "names block 9 but the model has 2 blocks" in _error(
         "edit", trained_run, digit_pngs, "--method", "custom", "--spec", spec, "--class-labels", "3", "--steps", "2")
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from ditk.cli import cli\n"
+            "for args in (['invert', '--help'], ['edit', '--help']):\n"
+            "    cli.main(args=args, standalone_mode=False)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -21,6 +21,12 @@ from .inversion import Inverted, check_method, invert, reconstruct
 FEATURE_TENSORS = ("k", "v", "out")
 
 
+def check_out_dir(out_dir: Path, kind: str) -> None:
+    """The output folder is replaced as a whole (atomically): refuse one that is not an earlier output of `kind`."""
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "report.json").is_file())):
+        raise ConfigError(f"{out_dir} exists and is not a ditk {kind} output folder: pass another --out")
+
+
 def log(msg: str) -> None:
     print(f"[ditk] {msg}", file=sys.stderr)
 
@@ -71,6 +77,7 @@ def run_invert(pipe, inputs: Sequence[str], method: str, steps: int, options: di
                prompt: Optional[str], out_dir: Path, save_trajectory: bool, save_features: bool, do_reconstruct: bool,
                resize: bool, batch_size: int, seed: int, progress: bool) -> dict:
     check_method(method, pipe.objective, options)
+    check_out_dir(out_dir, "invert")
     paths = expand_inputs(inputs)
     channels, size = image_geometry(pipe)
     images = load_images(paths, channels, size, resize)  # all errors before any work
@@ -237,6 +244,7 @@ def run_edit(pipe, inputs: Sequence[str], method: str, steps: int, knobs: dict, 
 
     if target_labels is None and target_prompt is None:
         raise ConfigError("say what to edit towards: --class-labels for class-conditional models, --prompt for text models")
+    check_out_dir(out_dir, "edit")
     depth = len(pipe.model.blocks)
     p = plan(method, pipe.objective, depth, steps, knobs, inversion, rules)
     paths, x0, arts = read_inputs(pipe, inputs, resize, seed)
