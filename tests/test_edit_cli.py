@@ -69,6 +69,15 @@ def test_edit_methods_on_a_flow_run(flow_run, digit_pngs, tmp_path):
         report = json.loads((out / "report.json").read_text())
         assert report["method"] == method and report["nfe_per_image"] > 0
         assert (out / "grid.png").is_file()
+    mask = tmp_path / "mask.png"
+    m = np.zeros((8, 8), dtype=np.uint8)
+    m[:4] = 255  # edit the top half; the target may copy the bottom half's source tokens
+    Image.fromarray(m).save(mask)
+    proc = invoke_ditk("edit", flow_run, digit_pngs, "--method", "tic", "--steps", "3", "--class-labels", "5",
+                       "--mask", mask, "--out", tmp_path / "masked")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "masked" / "report.json").read_text())
+    assert report["rules"][-1]["mask"] == "image" and report["mask_keep_fraction"] == 0.5
 
 
 def _error(*args):
@@ -101,6 +110,8 @@ def test_bad_inputs_are_one_line_errors(trained_run, flow_run, digit_pngs, tmp_p
                 check=True)
     msg = _error("edit", trained_run, inv / "000000.safetensors", "--class-labels", "3", "--steps", "2")
     assert "inverted with another" in msg
+    assert "has none: drop --mask" in _error("edit", flow_run, digit_pngs, "--method", "naive", "--mask", big,
+                                             "--class-labels", "3", "--steps", "2")
     spec = tmp_path / "spec.yaml"
     spec.write_text("rules:\n  - {blocks: [0, 9], tensor: v, op: replace}\n")
     assert "names block 9 but the model has 2 blocks" in _error(

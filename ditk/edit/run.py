@@ -95,7 +95,7 @@ def run_invert(pipe, inputs: Sequence[str], method: str, steps: int, options: di
             capture = FeatureCapture(pipe.model, points)
             with capture.attached():
                 inv = invert(pipe.model, pipe.objective, x0, cond, method, steps, options, step_hooks=[capture],
-                             trajectory=save_trajectory, seed=seed + b, progress=progress)
+                             trajectory=save_trajectory, seed=seed, first_index=b, progress=progress)
             recon = None
             if do_reconstruct:
                 recon, rec_nfe = reconstruct(pipe.model, pipe.objective, inv, cond, method, steps, options)
@@ -256,6 +256,12 @@ def run_edit(pipe, inputs: Sequence[str], method: str, steps: int, knobs: dict, 
         raise ConfigError("guidance needs a conditional model: use --cfg-scale 1")
     image_mask = None
     if mask_path is not None:
+        concat = [r for r in p.rules if r.op == "concat"]
+        if not concat:
+            raise ConfigError(f"--mask guides concat rules (tic, or a custom spec with op: concat); --method {method} "
+                              "has none: drop --mask")
+        for r in concat:  # a given mask replaces TIC's feature-difference mask
+            r.mask = "image"
         channels, size = image_geometry(pipe)
         m = (load_images([Path(mask_path)], 1, size, resize=True) + 1) / 2  # white = the region to edit
         grid = pipe.model.x_embedder.grid_size
