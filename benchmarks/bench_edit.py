@@ -54,6 +54,27 @@ def inversion_table(pipes, images, labels, steps_list):
     return rows
 
 
+def tic_control_table(pipes, images, labels, steps_list):
+    """TIC's first mechanism alone: the source branch's K/V replaced by the inversion's (target = source class)
+    against plain reconstruction with the same inversion (DDIM / Euler)."""
+    from ditk.edit.artefact import psnr
+    from ditk.edit.editors import edit, plan
+
+    rows = []
+    for kind, pipe in pipes.items():
+        cond, null = pipe.conditioner.cond(labels), pipe.conditioner.uncond(len(labels))
+        for steps in steps_list:
+            p = plan("tic", pipe.objective, len(pipe.model.blocks), steps)
+            tic = edit(pipe.model, pipe.objective, images, cond, cond, null, p, steps)
+            plain = edit(pipe.model, pipe.objective, images, cond, cond, null,
+                         plan("naive", pipe.objective, len(pipe.model.blocks), steps, inversion=p.inversion), steps)
+            rows.append({"model": kind, "inversion": p.inversion, "steps": steps,
+                         "plain_psnr_db": float(np.mean(psnr(plain["edited"].clamp(-1, 1), images))),
+                         "tic_source_branch_psnr_db": float(np.mean(psnr(tic["source_branch"].clamp(-1, 1), images)))})
+            print(f"[bench] tic control {kind} {steps}: {rows[-1]}", flush=True)
+    return rows
+
+
 EDITS = [  # (model, method, inversion, knobs, steps)
     ("ddpm", "naive", "ddim", {}, None), ("ddpm", "naive", "bdia", {}, None), ("ddpm", "masactrl", "ddim", {}, None),
     ("ddpm", "masactrl", "ddim", {"start_step": 5}, None), ("ddpm", "tic", "ddim", {}, None),
@@ -122,6 +143,7 @@ def main():
         pipes["rectified-flow"] = load_pipeline(args.flow, device="cpu")
     images, labels = held_out(args.num_invert)
     inv = inversion_table(pipes, images, labels, [int(s) for s in args.steps.split(",")])
+    tic = tic_control_table(pipes, images, labels, [int(s) for s in args.steps.split(",")])
     images, labels = held_out(args.num_edit)
     ed = edit_table(pipes, images, labels, args.edit_steps, args.cfg_scale)
 
@@ -130,6 +152,11 @@ def main():
     for r in inv:
         print(f"| `{r['method']}` | {r['steps']} | {r['nfe']} | {r['psnr_db']:.2f} | {r['ssim']:.4f} | "
               f"{r['latent_mse']:.2e} | {r['seconds_per_image']:.3f} |")
+    print("\n| model | inversion | steps | plain reconstruction PSNR dB | TIC source branch (inversion K/V) PSNR dB |")
+    print("|---|---|---|---|---|")
+    for r in tic:
+        print(f"| {r['model']} | {r['inversion']} | {r['steps']} | {r['plain_psnr_db']:.2f} | "
+              f"{r['tic_source_branch_psnr_db']:.2f} |")
     print("\n| model | method | inversion | knobs | steps | edit success | PSNR dB | SSIM | PSNR outside changed dB | "
           "changed px | feature dist. | NFE/image | s/image |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -139,7 +166,7 @@ def main():
               f"{r['psnr_db']:.2f} | {r['ssim']:.3f} | {r['psnr_outside_changed_db']:.2f} | {r['changed_fraction']:.2f} | "
               f"{r['feature_distance']:.2f} | {r['nfe']} | {r['seconds_per_image']:.3f} |")
     with open(args.json, "w") as f:
-        json.dump({"settings": vars(args), "inversion": inv, "edit": ed}, f, indent=2)
+        json.dump({"settings": vars(args), "inversion": inv, "tic_control": tic, "edit": ed}, f, indent=2)
 
 
 if __name__ == "__main__":
