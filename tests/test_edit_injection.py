@@ -103,3 +103,36 @@ def test_editor_errors_are_one_line():
         editors.plan("naive", DDPM(), depth=2, steps=6, knobs={"inject": 2})
     with pytest.raises(ConfigError, match="--method custom needs --spec"):
         editors.plan("custom", DDPM(), depth=2, steps=6)
+
+
+def _two_branch(model, flow, rules, y_src, y_tgt, image_mask=None):
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    inj = Injector(model, rules, Layout(2, ("source", "target")), 5, image_mask=image_mask)
+    with attach(model, inj.hook_fns()):
+        return sample(model, flow, z.repeat(2, 1, 1, 1), {"y": torch.tensor(y_src + y_tgt)},
+                      solver=FlowGrid(flow, 5, "euler"), step_hooks=[inj])
+
+
+def test_concat_oracles_duplicate_keys_and_fully_masked_source():
+    """Attention over [K; K], [V; V] equals attention over K, V (every weight halves and renormalises), and a source
+    whose tokens are all masked out (-inf) adds nothing: both give the plain (naive) result."""
+    model, flow = tiny_dit(False), RectifiedFlow({})
+    plain = _two_branch(model, flow, [], [3, 8], [5, 1])
+    keep_all = [Rule(blocks=[0, 1], tensor="kv", op="concat", source="source", mask="image")]
+    same = _two_branch(model, flow, keep_all, [3, 8], [3, 8], image_mask=torch.ones(2, 16))
+    assert torch.allclose(same[2:], same[:2], atol=1e-5)  # target = its own source: the duplicated keys change nothing
+    masked = _two_branch(model, flow, keep_all, [3, 8], [5, 1], image_mask=torch.zeros(2, 16))
+    assert torch.allclose(masked, plain, atol=1e-5)
+    half = torch.zeros(2, 16)
+    half[:, :8] = 1
+    edited = _two_branch(model, flow, keep_all, [3, 8], [5, 1], image_mask=half)
+    assert torch.equal(edited[:2], plain[:2]) and (edited[2:] - plain[2:]).abs().max() > 1e-4
+
+
+def test_token_mask_from_an_image_mask():
+    from ditk.edit.spec import token_mask_from_image
+
+    m = torch.zeros(1, 1, 8, 8)
+    m[..., :4, :] = 1  # the top half is to be edited
+    tokens = token_mask_from_image(m, 4)  # 4x4 patch grid, row-major
+    assert tokens.tolist() == [[0.0] * 8 + [1.0] * 8]

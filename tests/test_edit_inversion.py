@@ -136,3 +136,15 @@ def test_grid_keys_pair_inversion_and_sampling_evaluations():
         inv_keys = {inv.eval_key(i) for i in range(inv.num_evaluations)}
         smp_keys = [smp.eval_key(i) for i in range(smp.num_evaluations)]
         assert all(k in inv_keys for k in smp_keys if k[0] != "initial")
+
+
+def test_rf_inversion_edit_control_with_eta_one_lands_on_the_source():
+    """eta = 1 on every step follows the straight line from z to y0: v_hat = (z - y0) / sigma makes the Euler step
+    z - y0 <- (z - y0) sigma_to / sigma_from, which reaches y0 exactly at sigma = 0, whatever the model says."""
+    model, flow = tiny_dit(False, torch.float64), RectifiedFlow({})
+    y0 = torch.rand(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    z = torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    grid = FlowGrid(flow, 10, "rf-inversion", "sample", eta=1.0, start=0.0, stop=1.0, y0=y0)
+    assert torch.allclose(sample(model, flow, z, COND, solver=grid), y0, atol=1e-12)
+    free = FlowGrid(flow, 10, "rf-inversion", "sample", eta=0.0, y0=y0)  # eta 0 is plain Euler
+    assert torch.equal(sample(model, flow, z, COND, solver=free), sample(model, flow, z, COND, solver=FlowGrid(flow, 10)))

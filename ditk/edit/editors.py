@@ -17,8 +17,9 @@ rf-edit      RF-Solver-Edit (Wang et al., ICML 2025): V of the late blocks (the 
              `inject` sampling steps (default round(0.2 N); the paper 2-8 of 25-30)
 fireflow     FireFlow-Edit (Deng et al., ICML 2025): FireFlow inversion and sampling; V replace in blocks
              [start_block, stop_block) (default all) for the first `inject` steps (default 1)
-rf-inversion RF-Inversion (Rout et al., ICLR 2025): controlled forward ODE (gamma 0.5), then the controlled reverse
-             ODE towards the source image with strength eta (0.9) on the steps [start, stop) = [0, 0.25) of N
+rf-inversion RF-Inversion (Rout et al., ICLR 2025): controlled forward ODE (gamma 0.5) under the null condition,
+             then the controlled reverse ODE towards the source image with strength eta (0.9) on the steps
+             [start, stop) = [0, 0.25) of N
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ def edit(model, objective, x0: torch.Tensor, src_cond: dict, tgt_cond: dict, nul
     if inverted is None or (points and store is None):
         capture = FeatureCapture(model, points)
         with capture.attached():
-            inverted = invert(model, objective, x0, src_cond, p.inversion, steps, p.inversion_options,
+            # RF-Inversion inverts with the empty condition (u = v(Y_t, t; empty prompt) in the paper)
+            inv_cond = null_cond if p.inversion == "rf-inversion" else src_cond
+            inverted = invert(model, objective, x0, inv_cond, p.inversion, steps, p.inversion_options,
                               step_hooks=[capture], seed=seed)
         store = capture.store
         inv_nfe = inverted.nfe

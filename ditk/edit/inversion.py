@@ -94,13 +94,16 @@ class Inverted:
 
 
 def invert(model, objective, x0: torch.Tensor, cond: dict, method: str, steps: int, options: Optional[dict] = None,
-           step_hooks: Sequence = (), trajectory: bool = False, seed: int = 0, progress: bool = False) -> Inverted:
-    """Invert data x0 (N, C, H, W) under the condition `cond` (model kwargs), without guidance."""
+           step_hooks: Sequence = (), trajectory: bool = False, seed: int = 0, first_index: int = 0,
+           progress: bool = False) -> Inverted:
+    """Invert data x0 (N, C, H, W) under the condition `cond` (model kwargs), without guidance. Image i of the batch
+    is input number first_index + i: rf-inversion draws its noise target from the seed (seed, that number), so the
+    result does not depend on the batch size."""
     from ..sampling import sample
 
     y1 = None
     if method == "rf-inversion":  # the fixed noise target of the controlled forward ODE, one per image
-        gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(len(x0))]
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + first_index + i) for i in range(len(x0))]
         y1 = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0.device)
     grid = make_grid(method, objective, steps, "invert", options, y1=y1)
     hooks = list(step_hooks)

@@ -21,6 +21,12 @@ from .inversion import Inverted, check_method, invert, reconstruct
 FEATURE_TENSORS = ("k", "v", "out")
 
 
+def check_out_dir(out_dir: Path, kind: str) -> None:
+    """The output folder is replaced as a whole (atomically): refuse one that is not an earlier output of `kind`."""
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "report.json").is_file())):
+        raise ConfigError(f"{out_dir} exists and is not a ditk {kind} output folder: pass another --out")
+
+
 def log(msg: str) -> None:
     print(f"[ditk] {msg}", file=sys.stderr)
 
@@ -71,6 +77,7 @@ def run_invert(pipe, inputs: Sequence[str], method: str, steps: int, options: di
                prompt: Optional[str], out_dir: Path, save_trajectory: bool, save_features: bool, do_reconstruct: bool,
                resize: bool, batch_size: int, seed: int, progress: bool) -> dict:
     check_method(method, pipe.objective, options)
+    check_out_dir(out_dir, "invert")
     paths = expand_inputs(inputs)
     channels, size = image_geometry(pipe)
     images = load_images(paths, channels, size, resize)  # all errors before any work
@@ -88,7 +95,7 @@ def run_invert(pipe, inputs: Sequence[str], method: str, steps: int, options: di
             capture = FeatureCapture(pipe.model, points)
             with capture.attached():
                 inv = invert(pipe.model, pipe.objective, x0, cond, method, steps, options, step_hooks=[capture],
-                             trajectory=save_trajectory, seed=seed + b, progress=progress)
+                             trajectory=save_trajectory, seed=seed, first_index=b, progress=progress)
             recon = None
             if do_reconstruct:
                 recon, rec_nfe = reconstruct(pipe.model, pipe.objective, inv, cond, method, steps, options)
@@ -131,11 +138,10 @@ def run_invert(pipe, inputs: Sequence[str], method: str, steps: int, options: di
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:
-    from ..io import save_pngs
+    from ..io import _pil, to_uint8
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_pngs(image[None], path.parent, start_index=0)
-    (path.parent / "000000.png").replace(path)
+    _pil(to_uint8(image[None])[0]).save(path)
 
 
 def _lineage(folder: Path, pipe, inputs) -> None:
@@ -238,6 +244,7 @@ def run_edit(pipe, inputs: Sequence[str], method: str, steps: int, knobs: dict, 
 
     if target_labels is None and target_prompt is None:
         raise ConfigError("say what to edit towards: --class-labels for class-conditional models, --prompt for text models")
+    check_out_dir(out_dir, "edit")
     depth = len(pipe.model.blocks)
     p = plan(method, pipe.objective, depth, steps, knobs, inversion, rules)
     paths, x0, arts = read_inputs(pipe, inputs, resize, seed)
@@ -249,6 +256,12 @@ def run_edit(pipe, inputs: Sequence[str], method: str, steps: int, knobs: dict, 
         raise ConfigError("guidance needs a conditional model: use --cfg-scale 1")
     image_mask = None
     if mask_path is not None:
+        concat = [r for r in p.rules if r.op == "concat"]
+        if not concat:
+            raise ConfigError(f"--mask guides concat rules (tic, or a custom spec with op: concat); --method {method} "
+                              "has none: drop --mask")
+        for r in concat:  # a given mask replaces TIC's feature-difference mask
+            r.mask = "image"
         channels, size = image_geometry(pipe)
         m = (load_images([Path(mask_path)], 1, size, resize=True) + 1) / 2  # white = the region to edit
         grid = pipe.model.x_embedder.grid_size
