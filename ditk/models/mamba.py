@@ -237,6 +237,14 @@ def chunked_scan(delta, du, A, B, C, chunk: int | None = None) -> torch.Tensor:
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+class SelectiveScan(nn.Module):
+    """Holds no weights: `chunked_scan` as a module of its own, so that profilers and
+    `benchmarks/bench_backbones.py` can attribute its cost (like `ditk.models.rwkv.BiWKV`)."""
+
+    def forward(self, delta, du, A, B, C):
+        return chunked_scan(delta, du, A, B, C)
+
+
 #################################################################################
 #                                Selective scan                                 #
 #################################################################################
@@ -328,6 +336,7 @@ class Mamba(nn.Module):
             self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b = self._direction(conv_bias)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
         self.out_hook = HookPoint()
+        self.scan = SelectiveScan()
 
     def _direction(self, conv_bias: bool):
         """One scan direction's parameters, initialised as in mamba_ssm."""
@@ -397,7 +406,7 @@ class Mamba(nn.Module):
         uf = u.to(f).view(nd * n_seq, length, d)
         A = -torch.exp(torch.stack([a for *_, a, _ in dirs]).to(f)).transpose(1, 2)  # (nd, n, d)
         A = A.unsqueeze(1).expand(nd, n_seq, n, d).reshape(nd * n_seq, n, d)
-        y = chunked_scan(delta, delta * uf, A, B.to(f).reshape(nd * n_seq, length, n),
+        y = self.scan(delta, delta * uf, A, B.to(f).reshape(nd * n_seq, length, n),
                          C.to(f).reshape(nd * n_seq, length, n))
         D = torch.stack([dd for *_, dd in dirs]).to(f)[:, None, None]  # (nd, 1, 1, d)
         y = torch.addcmul(y.view(nd, n_seq, length, d), uf.view(nd, n_seq, length, d), D)
