@@ -1,12 +1,15 @@
-"""Backbones side by side with DiT: parameters, GFLOPs per forward, CPU forward time and peak memory.
+"""Backbones side by side with DiT: parameters, GFLOPs per forward, CPU forward and training-step time, peak memory.
 
     python benchmarks/bench_backbones.py [--families dit,diffusion-rwkv] [--sizes tiny,S] [--batch 1]
-                                         [--threads 1] [--repeats 3] [--json out.jsonl]
+                                         [--threads 1] [--repeats 3] [--train-tokens 1100] [--rounds 1]
+                                         [--json out.jsonl]
 
 For every model family in the MODELS registry it takes the family's tiny preset (`digits-*`) and its S-size
-preset (`*-s-2*`; the table FAMILY_PRESETS below pins the known ones) and measures each at two sequence
-lengths (the preset's resolution and a larger one: tiny 8 -> 32 px, i.e. 16 -> 256 tokens; S 32 -> 64 latent
-px, i.e. 256 -> 1024 tokens), next to a DiT with the same width, depth (number of blocks) and patch size.
+preset (`*-s-2*`; the table FAMILY_PRESETS below pins the known ones) and measures each at several sequence
+lengths (the preset's resolution and larger ones: tiny 8 -> 32 px, i.e. 16 -> 256 tokens; S 32 -> 64 -> 128
+latent px, i.e. 256 -> 1024 -> 4096 tokens), next to a DiT with the same width, depth (number of blocks) and
+patch size. The model and its DiT twin are measured alternately, each in a fresh process, --rounds times
+(the medians are reported), so that a change of load on a shared machine hits both sides alike.
 Families missing from the registry, or without such presets, are skipped with a note. Inputs: random
 latents, t = 500, class 0, or (caption models such as Dimba) random features for conditioner.max_length
 caption tokens.
@@ -18,15 +21,18 @@ GFLOPs (1 GFLOP = 1e9 floating-point operations, a multiply-add = 2) per forward
   scan     analytic counts for those scans, from hooks on the scan modules during the counted forward:
            Bi-WKV (Diffusion-RWKV) 13 T D per call, the paper's count (our chunked form's own N x N
            chunk-carry einsum, which FlopCounterMode does see, is removed from `counted` so it is not
-           doubled); Mamba selective scan (DiS, Dimba) 5 T d_inner d_state per direction (discretisation
-           dt*A and its exp, dt*B*u, and the recurrence a*h + b; the output contraction C.h is an einsum that
-           FlopCounterMode counts).
+           doubled); Mamba selective scan (DiS, Dimba) 7 T d_inner d_state per direction (discretisation
+           dt*A and its exp, dt*B*u, the recurrence a*h + b and the output contraction C.h; the matmuls of
+           our chunked form inside the `scan` module, its prefix sums included, are removed from `counted`).
 Note DiT's paper tables quote multiply-accumulates: DiT-S/2's "6.06 Gflops" is ~12.1 GFLOPs here.
 Peak memory: the rise of the process's peak resident set size (ru_maxrss) over its size before the first
 forward, measured in a fresh process per row, so each number is that model's own inference peak (weights
 excluded, activations and workspace included). Times ("fwd ms"): median CPU time of the process (time.process_time) over --repeats no-grad forwards after
 one warm-up, on --threads CPU threads (1 by default): on one thread this equals the wall time of an idle
 machine and, unlike wall time, is not inflated when other jobs share the cores (wall times are in --json).
+Rows of at most --train-tokens tokens also time a training step ("train ms": forward in train mode, the
+mean-square of the output as loss, backward into every parameter; median of --repeats after one warm-up)
+and its peak memory ("train MB", measured the same way, gradients included).
 Not part of the test suite.
 """
 
@@ -53,7 +59,7 @@ FAMILY_PRESETS = {
     "diffusion-rwkv": {"tiny": "digits-drwkv", "S": "drwkv-s-2"},
     "dimba": {"tiny": "digits-dimba", "S": None},  # Dimba ships L and G only (text-to-image)
 }
-SCALE = {"tiny": 4, "S": 2}  # second sequence length: input side x this (tokens x this^2)
+SCALES = {"tiny": (1, 4), "S": (1, 2, 4)}  # input side x these (tokens x their squares)
 
 
 def _status_kib(field: str) -> int:
@@ -145,7 +151,7 @@ def analytic_scan_flops(model, run) -> tuple[int, int, int]:
             def mamba_hook(mod, args, out):
                 n, length = args[0].shape[0], args[0].shape[1]
                 directions = 2 if getattr(mod, "bidirectional", False) else 1
-                flops[0] += 5 * n * length * mod.d_inner * mod.d_state * directions
+                flops[0] += 7 * n * length * mod.d_inner * mod.d_state * directions
             hooks.append(module.register_forward_hook(mamba_hook))
     count_cpu_attention()
     counter = FlopCounterMode(display=False)
@@ -153,12 +159,12 @@ def analytic_scan_flops(model, run) -> tuple[int, int, int]:
         run()
     for h in hooks:
         h.remove()
-    inside_wkv = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-                     if name.split(".")[-1] == "wkv")
-    return flops[0], counter.get_total_flops(), inside_wkv
+    inside_scans = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                       if name.split(".")[-1] in ("wkv", "scan"))
+    return flops[0], counter.get_total_flops(), inside_scans
 
 
-def child(spec: dict, batch: int, repeats: int, threads: int) -> dict:
+def child(spec: dict, batch: int, repeats: int, threads: int, train: bool) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -171,30 +177,47 @@ def child(spec: dict, batch: int, repeats: int, threads: int) -> dict:
     def run():
         return model(x, t, **cond)
 
+    def measure(step, grad: bool):
+        """(peak bytes of the warm-up, median CPU seconds, median wall seconds) of `step`."""
+        gc.collect()
+        reset = reset_peak_rss()
+        before = _status_kib("VmRSS") * 1024 if reset else max(_status_kib("VmRSS") * 1024, peak_rss_bytes(False))
+        with torch.set_grad_enabled(grad):
+            step()  # warm-up; sets the peak
+        peak = peak_rss_bytes(reset) - before
+        times, cpu_times = [], []
+        with torch.set_grad_enabled(grad):
+            for _ in range(repeats):
+                start, cpu_start = time.perf_counter(), time.process_time()
+                step()
+                times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
+        return max(peak, 0), statistics.median(cpu_times), statistics.median(times)
+
     params = sum(p.numel() for p in model.parameters())
-    gc.collect()
-    reset = reset_peak_rss()
-    before = _status_kib("VmRSS") * 1024 if reset else max(_status_kib("VmRSS") * 1024, peak_rss_bytes(False))
-    with torch.no_grad():
-        run()  # warm-up; sets the peak
-    peak = peak_rss_bytes(reset) - before
-    times, cpu_times = [], []
-    with torch.no_grad():
-        for _ in range(repeats):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            run()
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
+    peak, cpu, wall = measure(run, grad=False)
     scan, counted, inside_wkv = analytic_scan_flops(model, run)
     tokens = (size // model.patch_size) ** 2
-    return {"params": params, "tokens": tokens, "blocks": len(model.blocks), "gflops_counted": (counted - inside_wkv) / 1e9,
-            "gflops_scan": scan / 1e9, "fwd_ms": 1e3 * statistics.median(cpu_times),
-            "wall_ms": 1e3 * statistics.median(times), "peak_mb": max(peak, 0) / 2**20}
+    row = {"params": params, "tokens": tokens, "blocks": len(model.blocks), "gflops_counted": (counted - inside_wkv) / 1e9,
+           "gflops_scan": scan / 1e9, "fwd_ms": 1e3 * cpu, "wall_ms": 1e3 * wall, "peak_mb": peak / 2**20}
+    if train:
+        model.train()
+
+        def train_step():
+            model.zero_grad(set_to_none=True)
+            out = run()
+            out.float().square().mean().backward()
+
+        peak, cpu, wall = measure(train_step, grad=True)
+        row.update(train_ms=1e3 * cpu, train_wall_ms=1e3 * wall, train_peak_mb=peak / 2**20)
+    return row
 
 
 def run_child(spec: dict, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec), "--batch", str(args.batch),
-           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+           "--repeats", str(spec.get("repeats", args.repeats)), "--threads", str(args.threads)]
+    if spec.get("train"):
+        cmd.append("--train")
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if proc.returncode != 0:
@@ -235,6 +258,31 @@ def dit_twin(cfg, blocks: int, input_size: int) -> dict:
                         learn_sigma=bool(cfg.model.get("learn_sigma", True)))}
 
 
+def _median_row(runs: list[dict]) -> dict:
+    """Per-key median over the rounds of one configuration (numbers), else the first round's value."""
+    return {k: (statistics.median(r[k] for r in runs) if isinstance(v, float) else v) for k, v in runs[0].items()}
+
+
+def _table_row(family: str, preset: str, input_size: int, ours: dict, twin: dict | None) -> str:
+    dash = "—"
+    gf = ours["gflops_counted"] + ours["gflops_scan"]
+
+    def train_cols(r):
+        return [f"{r['train_ms']:.0f}", f"{r['train_peak_mb']:.0f}"] if "train_ms" in r else [dash, dash]
+
+    cols = [family, f"{preset} @{input_size}px ({ours['blocks']} blocks)", str(ours["tokens"]),
+            f"{ours['params'] / 1e6:.1f}", f"{ours['gflops_counted']:.3g}",
+            f"{ours['gflops_scan']:.3g} (total {gf:.3g})", f"{ours['fwd_ms']:.1f}", f"{ours['peak_mb']:.0f}",
+            *train_cols(ours)]
+    if twin is None:
+        cols += [dash] * 8
+    else:
+        cols += [f"{twin['params'] / 1e6:.1f}", f"{twin['gflops_counted']:.3g}", f"{twin['fwd_ms']:.1f}",
+                 f"{twin['peak_mb']:.0f}", *train_cols(twin), f"{ours['fwd_ms'] / twin['fwd_ms']:.2f}x",
+                 f"{ours['train_ms'] / twin['train_ms']:.2f}x" if "train_ms" in ours else dash]
+    return "| " + " | ".join(cols) + " |"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default="", help="comma-separated model names (default: all registered)")
@@ -242,11 +290,16 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--train-tokens", type=int, default=1100,
+                        help="also time a training step for rows with at most this many tokens (0: never)")
+    parser.add_argument("--rounds", type=int, default=1, help="measure model and DiT twin alternately this often")
+    parser.add_argument("--max-tokens", type=int, default=5000, help="skip larger sequence lengths")
     parser.add_argument("--json", default="", help="also write one JSON object per row to this file")
+    parser.add_argument("--train", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(json.loads(args.child), args.batch, args.repeats, args.threads)))
+        print(json.dumps(child(json.loads(args.child), args.batch, args.repeats, args.threads, args.train)))
         return
 
     families = discover()
@@ -255,7 +308,8 @@ def main():
         if family not in families:
             print(f"note: '{family}' is not in the MODELS registry (yet): skipped", file=sys.stderr)
     header = ("| family | model | tokens | params (M) | GFLOPs counted | + scan (analytic) | fwd ms | peak MB "
-              "| DiT same D/depth: params (M) | GFLOPs | fwd ms | peak MB | time / DiT |")
+              "| train ms | train MB | DiT same D/depth: params (M) | GFLOPs | fwd ms | peak MB | train ms | train MB "
+              "| fwd / DiT | train / DiT |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     rows = []
@@ -267,34 +321,41 @@ def main():
                 continue
             cfg = families[family]["configs"][preset]
             base = int(cfg.model.input_size)
-            for input_size in (base, base * SCALE.get(size, 2)):
-                spec = {"preset": preset, "overrides": [f"model.input_size={input_size}"],
-                        "text_tokens": int(cfg.get("conditioner", {}).get("max_length", 16) or 16)}
+            for scale in SCALES.get(size, (1, 2)):
+                input_size = base * scale
+                tokens = (input_size // int(cfg.model.patch_size)) ** 2
+                if tokens > args.max_tokens:
+                    continue
+                train = 0 < tokens <= args.train_tokens
+                # the longest rows take a DiT tens of seconds per forward: one timed repeat after the warm-up
+                repeats = args.repeats if tokens <= 1100 else 1
+                spec = {"preset": preset, "overrides": [f"model.input_size={input_size}"], "train": train,
+                        "repeats": repeats, "text_tokens": int(cfg.get("conditioner", {}).get("max_length", 16) or 16)}
                 try:
-                    ours = run_child(spec, args)
-                    twin = None if family == "dit" else run_child(dit_twin(cfg, ours["blocks"], input_size), args)
+                    ours_runs, twin_runs = [], []
+                    for _ in range(max(1, args.rounds)):  # alternate: ours, twin, ours, twin, ...
+                        ours_runs.append(run_child(spec, args))
+                        if family != "dit":
+                            twin_spec = {**dit_twin(cfg, ours_runs[0]["blocks"], input_size), "train": train,
+                                         "repeats": repeats}
+                            twin_runs.append(run_child(twin_spec, args))
                 except Exception as err:  # a family still being written, or one we cannot condition
                     print(f"note: {family} {preset} at {input_size}px: {err}: skipped", file=sys.stderr)
                     continue
+                ours, twin = _median_row(ours_runs), _median_row(twin_runs) if twin_runs else None
                 row = {"family": family, "preset": preset, "input_size": input_size, **ours,
-                       "dit": twin, "batch": args.batch, "threads": args.threads}
+                       "dit": twin, "batch": args.batch, "threads": args.threads, "rounds": args.rounds}
                 rows.append(row)
-                gf = ours["gflops_counted"] + ours["gflops_scan"]
-                dit_cols = ["—"] * 5 if twin is None else [
-                    f"{twin['params'] / 1e6:.1f}", f"{twin['gflops_counted']:.3g}", f"{twin['fwd_ms']:.1f}",
-                    f"{twin['peak_mb']:.0f}", f"{ours['fwd_ms'] / twin['fwd_ms']:.2f}x"]
-                print(f"| {family} | {preset} @{input_size}px ({ours['blocks']} blocks) | {ours['tokens']} | "
-                      f"{ours['params'] / 1e6:.1f} | {ours['gflops_counted']:.3g} | "
-                      f"{ours['gflops_scan']:.3g} (total {gf:.3g}) | {ours['fwd_ms']:.1f} | {ours['peak_mb']:.0f} | "
-                      + " | ".join(dit_cols) + " |", flush=True)
+                print(_table_row(family, preset, input_size, ours, twin), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
     import torch
 
-    print(f"\nbatch {args.batch}, {args.threads} CPU thread(s), median of {args.repeats} no-grad forwards, "
-          f"torch {torch.__version__}", file=sys.stderr)
+    print(f"\nbatch {args.batch}, {args.threads} CPU thread(s), median of {args.repeats} no-grad forwards (1 above "
+          f"1,100 tokens), {args.rounds} alternating round(s), torch {torch.__version__}, load average "
+          f"{os.getloadavg()[0]:.1f} at the end", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from ditk.errors import ConfigError
 import ditk.models.mamba as mamba
 from ditk.models.mamba import (MAX_CHUNK, MAX_LOG_DECAY, TILE_ELEMENTS, Mamba, chunk_length, chunked_scan,
-                               kernels_available, selective_scan, stable_chunk_length)
+                               kernels_available, selective_scan, stable_chunk_sums)
 
 
 def loop_selective_scan(u, delta, A, B, C, D, z, delta_bias):
@@ -65,11 +65,11 @@ def test_chunk_lengths_fit_the_cache_and_the_decays():
     # decays fast enough to overflow the factorised form shorten the chunks, down to the plain recurrence
     delta, du, A, B, C = core_inputs(groups=2, length=40, dt_scale=30.0, dtype=torch.float32)
     a_max = A.abs().amax(-2)
-    lc = stable_chunk_length(delta, a_max, 40)
-    assert lc < 40
-    k = -(-40 // lc)
-    totals = F.pad(delta, (0, 0, 0, k * lc - 40)).view(2, k, lc, -1).sum(2)
-    assert lc == 1 or (totals * a_max[:, None]).max() <= MAX_LOG_DECAY[torch.float32]
+    S, lc = stable_chunk_sums(delta, a_max, 40)
+    assert lc < 40 and S.shape == (2, -(-40 // lc), lc, 5)
+    assert lc == 1 or (S[:, :, -1] * a_max[:, None]).max() <= MAX_LOG_DECAY[torch.float32]
+    torch.testing.assert_close(S.flatten(1, 2)[:, :40, 0], torch.cat(
+        [c.cumsum(1) for c in delta[..., 0].split(lc, dim=1)], 1))
     out = chunked_scan(delta, du, A, B, C)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), loop_chunked_scan(delta, du, A, B, C), rtol=1e-4, atol=1e-4)

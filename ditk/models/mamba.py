@@ -60,29 +60,45 @@ def chunk_length(length: int, d: int, n: int, cap: int | None = None) -> int:
     return -(-length // k)
 
 
-def stable_chunk_length(delta: torch.Tensor, a_max: torch.Tensor, lc: int) -> int:
-    """Shorten `lc` until no chunk's decay range max_n |A| * sum_chunk(dt) exceeds MAX_LOG_DECAY (per channel).
-    delta (G, L, d) >= 0; a_max (G, d). Ordinary models never need it (at init dt <= 0.1 and |A| <= 16: at most
-    1.6 per token); chunk length 1 is the plain recurrence, finite for any decay."""
+def in_chunk_cumsum(delta: torch.Tensor, lc: int) -> torch.Tensor:
+    """S (G, K, lc, d): inclusive cumulative sums of delta (G, L, d) inside each chunk of lc tokens (zero-padded
+    to K lc tokens), as one small matmul with a triangle of ones (torch.cumsum is slow over short axes)."""
     groups, length, d = delta.shape
-    limit = MAX_LOG_DECAY.get(delta.dtype, 60.0)
-    while lc > 1:
-        k = -(-length // lc)
-        totals = F.pad(delta, (0, 0, 0, k * lc - length)).reshape(groups, k, lc, d).sum(2)  # (G, K, d)
-        if float((totals * a_max[:, None]).amax()) <= limit:
-            break
-        lc = chunk_length(length, d, 1, cap=lc // 2)
-    return lc
-
-
-def _chunks(x: torch.Tensor, lc: int) -> torch.Tensor:
-    """(G, L, c) -> (K, G, lc, c), zero-padded to K * lc tokens, so that chunk k is one contiguous block."""
-    groups, length, c = x.shape
     k = -(-length // lc)
     if k * lc != length:
-        x = F.pad(x, (0, 0, 0, k * lc - length))
-    x = x.reshape(groups, k, lc, c)
-    return x.transpose(0, 1).contiguous() if groups > 1 else x.transpose(0, 1)
+        delta = F.pad(delta, (0, 0, 0, k * lc - length))
+    lower = torch.ones(lc, lc, dtype=delta.dtype, device=delta.device).tril()
+    return torch.matmul(lower, delta.reshape(groups, k, lc, d))
+
+
+def stable_chunk_sums(delta: torch.Tensor, a_max: torch.Tensor, lc: int):
+    """(S, lc): the in-chunk sums of delta (G, L, d) >= 0 for the longest chunk length <= lc whose decay range
+    max_n |A| * sum_chunk(dt) stays within MAX_LOG_DECAY in every chunk and channel; a_max (G, d) = max_n |A|.
+    Ordinary models keep lc (at init dt <= 0.1 and |A| <= 16: at most 1.6 per token); chunk length 1 is the
+    plain recurrence, finite for any decay."""
+    length, d = delta.shape[1:]
+    limit = MAX_LOG_DECAY.get(delta.dtype, 60.0)
+    while True:
+        S = in_chunk_cumsum(delta, lc)
+        if lc == 1 or float((S[:, :, -1] * a_max[:, None]).amax()) <= limit:
+            return S, lc
+        lc = chunk_length(length, d, 1, cap=lc // 2)
+
+
+class _Chunk:
+    """Chunk k of a (G, L, c) tensor as a (G, lc, c) view; the last, partial chunk zero-padded (a small copy)."""
+
+    def __init__(self, lc: int, length: int):
+        self.lc, self.length = lc, length
+        self.count = -(-length // lc)
+
+    def __call__(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        start = k * self.lc
+        if start + self.lc <= self.length:
+            return x[:, start:start + self.lc]
+        part = x.new_zeros(x.shape[0], self.lc, x.shape[2])
+        part[:, :self.length - start] = x[:, start:]
+        return part
 
 
 def _unchunk(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -119,7 +135,7 @@ def _chunk_states(s, du, B, A, tiles: _Tiles) -> None:
     torch.mul(s.unsqueeze(-2), A, out=P).exp_()
     torch.mul(du.unsqueeze(-2), B.unsqueeze(-1), out=X)
     rows = tiles.ext[:, 1:].view(groups, lc, n, d)
-    if lc == 1:  # the plain recurrence (only for decays too fast to factorise, see stable_chunk_length)
+    if lc == 1:  # the plain recurrence (only for decays too fast to factorise, see stable_chunk_sums)
         torch.addcmul(X, P, tiles.ext[:, :1].view(groups, 1, n, d), out=H)
         return
     torch.div(X, P, out=rows)
@@ -130,62 +146,56 @@ def _chunk_states(s, du, B, A, tiles: _Tiles) -> None:
 class _ChunkedScan(torch.autograd.Function):
     """y_t = C_t . h_t, h_t = exp(dt_t A) h_{t-1} + du_t B_t (h_{-1} = 0), for G independent sequences.
 
-    delta, du (G, L, d); A (G, n, d) (negative); B, C (G, L, n) -> y (G, L, d). Chunks of lc tokens are processed
-    one after the other, the state carried across the boundary; inside a chunk all tokens at once (see
-    `_chunk_states`). Forward keeps only the state entering each chunk (K x (G, n, d)); backward recomputes
-    each chunk's states from it and runs the adjoint recurrence g_t = C_t grad_y_t + a_{t+1} g_{t+1} the same
-    way from the end."""
+    S (G, K, lc, d): the in-chunk cumulative sums of delta (no gradient; see `stable_chunk_sums`); delta, du
+    (G, L, d); A (G, n, d) (negative); B, C (G, L, n) -> y (G, L, d). Chunks of lc tokens are processed one after
+    the other, the state carried across the boundary; inside a chunk all tokens at once (`_chunk_states`).
+    Forward keeps only the state entering each chunk (K x (G, n, d)); backward recomputes each chunk's states
+    from it and runs the adjoint recurrence g_t = C_t grad_y_t + a_{t+1} g_{t+1} the same way from the end."""
 
     @staticmethod
-    def forward(ctx, delta, du, A, B, C, lc):
-        groups, length, d = delta.shape
+    def forward(ctx, S, delta, du, A, B, C):
+        groups, k_num, lc, d = S.shape
         n = A.shape[-2]
-        dl, dul, Bl, Cl = (_chunks(x, lc) for x in (delta, du, B, C))
-        S = dl.cumsum(2)  # (K, G, lc, d)
+        chunk = _Chunk(lc, delta.shape[1])
         A4 = A.unsqueeze(1).contiguous()
-        k_num = S.shape[0]
         tiles = _Tiles(delta, groups, lc, n, d)
         carry = tiles.ext[:, 0]
         carry.zero_()
         y = delta.new_empty(k_num, groups, lc, d)
-        save = ctx.needs_input_grad[:5] != (False,) * 5
+        save = any(ctx.needs_input_grad)
         states = delta.new_empty(k_num, groups, n * d) if save else None
         for k in range(k_num):
             if save:
                 states[k].copy_(carry)
-            _chunk_states(S[k], dul[k], Bl[k], A4, tiles)
-            torch.bmm(Cl[k].view(-1, 1, n), tiles.H.view(-1, n, d), out=y[k].view(-1, 1, d))
+            _chunk_states(S[:, k], chunk(du, k), chunk(B, k), A4, tiles)
+            torch.bmm(chunk(C, k).reshape(-1, 1, n), tiles.H.view(-1, n, d), out=y[k].view(-1, 1, d))
             carry.copy_(tiles.H[:, -1].view(groups, n * d))
-        ctx.save_for_backward(delta, du, A, B, C, states)
-        ctx.lc = lc
-        return _unchunk(y, length)
+        ctx.save_for_backward(S, delta, du, A, B, C, states)
+        return _unchunk(y, delta.shape[1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        delta, du, A, B, C, states = ctx.saved_tensors
-        lc = ctx.lc
-        groups, length, d = delta.shape
-        n = A.shape[-2]
-        dl, dul, Bl, Cl, gl = (_chunks(x, lc) for x in (delta, du, B, C, grad_y))
-        S = dl.cumsum(2)
+        S, delta, du, A, B, C, states = ctx.saved_tensors
+        groups, k_num, lc, d = S.shape
+        length, n = delta.shape[1], A.shape[-2]
+        chunk = _Chunk(lc, length)
         A4 = A.unsqueeze(1).contiguous()
-        k_num = S.shape[0]
         tiles = _Tiles(delta, groups, lc, n, d)
         P, X, H = tiles.P, tiles.X, tiles.H
         W = tiles.ext[:, 1:].view(groups, lc, n, d)  # free once the states are computed
-        g_delta, g_du = torch.empty_like(dl), torch.empty_like(dul)
-        g_B, g_C = torch.empty_like(Bl), torch.empty_like(Cl)
+        g_delta, g_du = delta.new_empty(k_num, groups, lc, d), delta.new_empty(k_num, groups, lc, d)
+        g_B, g_C = B.new_empty(k_num, groups, lc, n), C.new_empty(k_num, groups, lc, n)
         g_A = torch.zeros_like(H)  # sum over chunks of dt_t g_t a_t h_{t-1}, reduced over t at the end
         carry = delta.new_zeros(groups, n, d)  # dL/dh at this chunk's end from later chunks: a_next g_next
         for k in range(k_num - 1, -1, -1):
             tiles.ext[:, 0].copy_(states[k])
-            _chunk_states(S[k], dul[k], Bl[k], A4, tiles)  # P, b (in X), states H
-            gy = gl[k]
-            torch.bmm(H.view(-1, n, d), gy.view(-1, d, 1), out=g_C[k].view(-1, n, 1))  # sum_d grad_y h
+            du_k, B_k, C_k, gy = chunk(du, k), chunk(B, k), chunk(C, k), chunk(grad_y, k)
+            _chunk_states(S[:, k], du_k, B_k, A4, tiles)  # P, b (in X), states H
+            torch.bmm(H.view(-1, n, d), gy.reshape(-1, d, 1), out=g_C[k].view(-1, n, 1))  # sum_d grad_y h
             H.sub_(X)  # a_t h_{t-1}
             # adjoint g_t = sum_{s>=t} (P_s / P_t) e_s + (P_last / P_t) carry, e_s = C_s grad_y_s
-            torch.mul(gy.unsqueeze(-2), Cl[k].unsqueeze(-1), out=X)
+            torch.mul(gy.unsqueeze(-2), C_k.unsqueeze(-1), out=X)
             if lc == 1:
                 X.add_(carry.unsqueeze(1))
                 torch.mul(X[:, 0], P[:, 0], out=carry)
@@ -196,22 +206,22 @@ class _ChunkedScan(torch.autograd.Function):
                 carry.copy_(W[:, 0])  # = P_0 g_0 = dL/dh entering this chunk
                 torch.div(W, P, out=X)
             # X = g = dL/db_t, b_t = du_t B_t
-            torch.bmm(Bl[k].view(-1, 1, n), X.view(-1, n, d), out=g_du[k].view(-1, 1, d))
-            torch.bmm(X.view(-1, n, d), dul[k].view(-1, d, 1), out=g_B[k].view(-1, n, 1))
+            torch.bmm(B_k.reshape(-1, 1, n), X.view(-1, n, d), out=g_du[k].view(-1, 1, d))
+            torch.bmm(X.view(-1, n, d), du_k.reshape(-1, d, 1), out=g_B[k].view(-1, n, 1))
             # dL/d(log a_t) = g_t a_t h_{t-1}, log a_t = dt_t A
             H.mul_(X)
-            g_A.addcmul_(H, dl[k].unsqueeze(-2))
+            g_A.addcmul_(H, chunk(delta, k).unsqueeze(-2))
             H.mul_(A4)
             torch.sum(H, -2, out=g_delta[k])
-        return (_unchunk(g_delta, length), _unchunk(g_du, length), g_A.sum(1), _unchunk(g_B, length),
-                _unchunk(g_C, length), None)
+        return (None, _unchunk(g_delta, length), _unchunk(g_du, length), g_A.sum(1), _unchunk(g_B, length),
+                _unchunk(g_C, length))
 
 
 def chunked_scan(delta, du, A, B, C, chunk: int | None = None) -> torch.Tensor:
     """The selective scan core, token-major per sequence: delta, du (G, L, d); A (G, n, d) (note: state-major);
     B, C (G, L, n) -> y (G, L, d), y_t = C_t . h_t with h_t = exp(delta_t A) h_{t-1} + du_t B_t. Differentiable
     (own backward). `chunk` caps the chunk length (tests); by default it is sized to the cache and shortened
-    where needed for the factorised form to stay finite (`stable_chunk_length`)."""
+    where needed for the factorised form to stay finite (`stable_chunk_sums`)."""
     groups, length, d = delta.shape
     n = A.shape[-2]
     lc = chunk_length(length, d, n, cap=int(chunk) if chunk else None)
@@ -221,9 +231,18 @@ def chunked_scan(delta, du, A, B, C, chunk: int | None = None) -> torch.Tensor:
     outs = []
     for g in range(0, groups, per_call):
         part = slice(g, g + per_call)
-        lc_part = stable_chunk_length(delta[part].detach(), a_max[part], lc)
-        outs.append(_ChunkedScan.apply(delta[part], du[part], A[part], B[part], C[part], lc_part))
+        with torch.no_grad():
+            S, _ = stable_chunk_sums(delta[part], a_max[part], lc)
+        outs.append(_ChunkedScan.apply(S, delta[part], du[part], A[part], B[part], C[part]))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class SelectiveScan(nn.Module):
+    """Holds no weights: `chunked_scan` as a module of its own, so that profilers and
+    `benchmarks/bench_backbones.py` can attribute its cost (like `ditk.models.rwkv.BiWKV`)."""
+
+    def forward(self, delta, du, A, B, C):
+        return chunked_scan(delta, du, A, B, C)
 
 
 #################################################################################
@@ -317,6 +336,7 @@ class Mamba(nn.Module):
             self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b = self._direction(conv_bias)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
         self.out_hook = HookPoint()
+        self.scan = SelectiveScan()
 
     def _direction(self, conv_bias: bool):
         """One scan direction's parameters, initialised as in mamba_ssm."""
@@ -386,7 +406,7 @@ class Mamba(nn.Module):
         uf = u.to(f).view(nd * n_seq, length, d)
         A = -torch.exp(torch.stack([a for *_, a, _ in dirs]).to(f)).transpose(1, 2)  # (nd, n, d)
         A = A.unsqueeze(1).expand(nd, n_seq, n, d).reshape(nd * n_seq, n, d)
-        y = chunked_scan(delta, delta * uf, A, B.to(f).reshape(nd * n_seq, length, n),
+        y = self.scan(delta, delta * uf, A, B.to(f).reshape(nd * n_seq, length, n),
                          C.to(f).reshape(nd * n_seq, length, n))
         D = torch.stack([dd for *_, dd in dirs]).to(f)[:, None, None]  # (nd, 1, 1, d)
         y = torch.addcmul(y.view(nd, n_seq, length, d), uf.view(nd, n_seq, length, d), D)
