@@ -120,3 +120,18 @@ def test_quantizing_a_quantized_folder_is_refused(trained_run, tmp_path):
         proc = invoke_ditk("quantize", source, "--scheme", "int8-wo", "--out", tmp_path / "qq")
         assert proc.returncode == 2 and "already a `ditk quantize` output" in proc.stderr
     assert not (tmp_path / "qq").exists()
+
+
+def test_refusals_before_loading_do_not_import_torch(trained_run, tmp_path):
+    invoke_ditk("quantize", trained_run, "--scheme", "int8-wo", "--out", tmp_path / "q", check=True)
+    code = ("import sys; from ditk.cli import cli; from ditk.errors import DitkError\n"
+            f"for args in (['quantize', {str(tmp_path / 'q')!r}, '--scheme', 'int8-wo'],\n"
+            f"             ['quantize', {str(trained_run)!r}, '--simulate', 'rtn', '--calib-num', '0']):\n"
+            "    try:\n"
+            "        cli.main(args=args, standalone_mode=False)\n"
+            "        raise SystemExit('not refused')\n"
+            "    except DitkError:\n"
+            "        pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
