@@ -43,6 +43,22 @@ ROWS = [  # (row name, quantize arguments); None = the full-precision run itself
 ]
 
 
+def packed_mib(m: dict) -> float:
+    """The size the quantized weights would take packed at their bit width (computed, not measured): each quantized
+    layer's weight at `weight_bits` per value plus a 16-bit scale and zero per group (per output channel without
+    groups), SVDQuant's low-rank branch and smoothing vector in 16 bits; everything else as stored (fp32)."""
+    total = m["size_bytes"]["before"]
+    for rec in m["layers"].values():
+        spec = rec.get("module") or {}
+        n_in, n_out = spec.get("in_features"), spec.get("out_features")
+        if n_in is None:  # real rows: torchao already stores them packed (or unpacked: then this is what it could be)
+            return m["size_bytes"]["after"] / 2**20
+        groups = n_out * (n_in // (rec.get("group_size") or n_in))
+        total += -4 * n_in * n_out + n_in * n_out * rec["weight_bits"] / 8 + 4 * groups
+        total += 2 * spec.get("rank", 0) * (n_in + n_out) + (2 * n_in if spec.get("smooth") else 0)
+    return total / 2**20
+
+
 def ditk(*args, env):
     proc = subprocess.run([sys.executable, "-m", "ditk", *map(str, args)], capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -161,7 +177,8 @@ def main() -> None:
                        calibration_reused=(m["calibration"] or {}).get("reused"),
                        weights_mib=round(m["size_bytes"]["after"] / 2**20, 3),
                        file_mib=round(m["size_bytes"]["after_file"] / 2**20, 3),
-                       fp32_weights_mib=round(m["size_bytes"]["before"] / 2**20, 3))
+                       fp32_weights_mib=round(m["size_bytes"]["before"] / 2**20, 3),
+                       packed_mib=round(packed_mib(m), 3))
         samples = work / "samples" / slug
         proc = ditk("evaluate-fid", "--run", folder, "--num", args.num, "--samples-dir", samples, "--no-progress",
                     "--sample-batch-size", args.batch_size, env=env)
@@ -171,13 +188,14 @@ def main() -> None:
                    peak_rss_mb=report["peak_rss_mb"])
         results.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| row | kind | FID | weights in memory (MiB) | file (MiB) | s / image | peak RSS (MB) | calibration + method (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| row | kind | FID | weights in memory (MiB) | file (MiB) | packed at the bit width (MiB, computed) | s / image | "
+          "peak RSS (MB) | calibration + method (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         calib = "" if r.get("calibration_s") is None else f"{r['calibration_s']:.1f}{' (cached)' if r['calibration_reused'] else ''} + "
         cost = "" if "method_s" not in r else f"{calib}{r['method_s']:.1f}"
         print(f"| {r['row']} | {r.get('kind', 'fp32')} | {r['fid']:.2f} | {r.get('weights_mib', r.get('fp32_weights_mib', ''))} | "
-              f"{r.get('file_mib', '')} | {r['s_per_image']} | {r['peak_rss_mb']} | {cost} |")
+              f"{r.get('file_mib', '')} | {r.get('packed_mib', '')} | {r['s_per_image']} | {r['peak_rss_mb']} | {cost} |")
 
 
 if __name__ == "__main__":
