@@ -104,6 +104,8 @@ def test_sample_and_manifest_of_a_quantized_folder(trained_run, tmp_path):
     (["--scheme", "intx-wo", "--group-size", "7"], "does not divide"),
     (["--simulate", "rtn", "--calib-num", "0"], "calibration"),
     ([], "exactly one of"),
+    (["--simulate", "svdquant", "--opt", "rnak=4"], "has no option 'rnak'"),
+    (["--scheme", "int8-wo", "--opt", "rank=4"], "--opt is for --simulate"),
 ])
 def test_bad_input_is_one_line_and_exit_2(trained_run, tmp_path, args, words):
     if "fp8-dq" in args and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
