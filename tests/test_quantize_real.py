@@ -104,13 +104,16 @@ def test_sample_and_manifest_of_a_quantized_folder(trained_run, tmp_path):
     (["--scheme", "intx-wo", "--group-size", "7"], "does not divide"),
     (["--simulate", "rtn", "--calib-num", "0"], "calibration"),
     ([], "exactly one of"),
+    (["--simulate", "svdquant", "--opt", "rnak=4"], "has no option 'rnak'"),
+    (["--scheme", "int8-wo", "--opt", "rank=4"], "--opt is for --simulate"),
 ])
 def test_bad_input_is_one_line_and_exit_2(trained_run, tmp_path, args, words):
     if "fp8-dq" in args and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
         pytest.skip("this machine can run fp8-dq")
     proc = invoke_ditk("quantize", trained_run, *args, "--out", tmp_path / "q", "--device", "cpu")
     assert proc.returncode == 2 and words in proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 or proc.stderr.strip().splitlines()[-1].startswith("error:")
+    lines = proc.stderr.strip().splitlines()  # (torchao's import may log warnings before the error)
+    assert lines[-1].startswith("error:") and words in lines[-1] and "Traceback" not in proc.stderr
     assert not (tmp_path / "q").exists()
 
 
@@ -120,3 +123,18 @@ def test_quantizing_a_quantized_folder_is_refused(trained_run, tmp_path):
         proc = invoke_ditk("quantize", source, "--scheme", "int8-wo", "--out", tmp_path / "qq")
         assert proc.returncode == 2 and "already a `ditk quantize` output" in proc.stderr
     assert not (tmp_path / "qq").exists()
+
+
+def test_refusals_before_loading_do_not_import_torch(trained_run, tmp_path):
+    invoke_ditk("quantize", trained_run, "--scheme", "int8-wo", "--out", tmp_path / "q", check=True)
+    code = ("import sys; from ditk.cli import cli; from ditk.errors import DitkError\n"
+            f"for args in (['quantize', {str(tmp_path / 'q')!r}, '--scheme', 'int8-wo'],\n"
+            f"             ['quantize', {str(trained_run)!r}, '--simulate', 'rtn', '--calib-num', '0']):\n"
+            "    try:\n"
+            "        cli.main(args=args, standalone_mode=False)\n"
+            "        raise SystemExit('not refused')\n"
+            "    except DitkError:\n"
+            "        pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -42,8 +42,18 @@ def quantize(source: str, *, scheme: Optional[str] = None, method: Optional[str]
 
     dev = pick_device(device)
     check_request(source, scheme, method, out, calib)
+    tag = scheme or f"sim-{method}" + (f"-w{wbits}" if wbits else "") + (f"a{abits}" if abits else "")
+    target = Path(out) if out else default_out(source, tag)
+    if target.exists():
+        raise ConfigError(f"{target} already exists: pass --out NEW_FOLDER (nothing was written)")
     built = QUANT_SCHEMES.get(scheme).builder(dev, wbits, group_size) if scheme else None  # refuses before loading
     run_method = PTQ_METHODS.get(method).builder if method else None
+    if run_method is not None:
+        from .methods._common import merge_options
+
+        merge_options(run_method.defaults, options, method)  # an unknown --opt is refused before loading
+    elif options:
+        raise ConfigError(f"--opt is for --simulate methods; --scheme {scheme} takes none")
     pipe = load_pipeline(source, preset=preset, overrides=overrides, weights=weights, device=str(dev))
     model = pipe.model
     layers, kept = select_linears(model, keep)
@@ -52,7 +62,7 @@ def quantize(source: str, *, scheme: Optional[str] = None, method: Optional[str]
     before = state_bytes(model)
     manifest = {"kind": "real" if scheme else "simulated", "source": str(source), "weights": weights,
                 "excluded_layers": kept, "keep_patterns": list(keep), "torch": torch.__version__}
-    start = time.perf_counter()
+    start = time.perf_counter()  # the method's time; drawing the calibration set is timed apart (calibration.seconds)
     if scheme:
         from . import real
 
@@ -67,6 +77,7 @@ def quantize(source: str, *, scheme: Optional[str] = None, method: Optional[str]
         from .calibration import calibration_set
 
         inputs, described = calibration_set(pipe, calib, progress=progress)
+        start = time.perf_counter()
         log(f"simulating {method} on {len(layers)} layers (calibration: {len(inputs['x'])} model inputs)")
         result = run_method(model, layers, inputs, wbits=wbits, abits=abits, group_size=group_size,
                             options=dict(options or {}), log=log)
@@ -77,9 +88,6 @@ def quantize(source: str, *, scheme: Optional[str] = None, method: Optional[str]
                         calibration=described, layers=result["layers"], method_report=result.get("report", {}))
     manifest["seconds"] = round(time.perf_counter() - start, 3)
     manifest["size_bytes"] = {"before": before, "after": state_bytes(model)}
-    target = Path(out) if out else default_out(source, scheme or f"sim-{method}-w{manifest['weight_bits']}a{manifest['act_bits'] or 16}")
-    if target.exists():
-        raise ConfigError(f"{target} already exists: pass --out NEW_FOLDER (nothing was written)")
     step = resolve_checkpoint(source)[1].name if pipe.run_dir else "step-000000"
     save(target, pipe.cfg, model, manifest, step, parent=str(Path(source).resolve()))
     return target, manifest, model

@@ -9,9 +9,11 @@ from typing import Optional
 from ..errors import ConfigError
 
 MANIFEST = "quantization.json"
-# Linear layers kept in high precision by default (see ditk.quantize.layers)
-DEFAULT_KEEP = ("*embedder*", "*adaLN_modulation*", "final_layer*", "*router*", "*token_selection*",
-                "*modulation*", "*_in", "*_in.*")
+# Linear layers kept in high precision by default (see ditk.quantize.layers): embedders (DiT's *_embedder, FluxMusic's
+# img_in/txt_in/time_in/vector_in), modulation (adaLN, FluxMusic's *_mod and modulation, Dimba's shared t_block),
+# the final layer, routers (DyDiT, MoE)
+DEFAULT_KEEP = ("*embedder*", "*_in", "*_in.*", "*adaLN_modulation*", "*modulation*", "*_mod.*", "t_block*",
+                "final_layer*", "*router*", "*token_selection*")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from ...errors import ConfigError
 from ..calibration import batches, observe
 from ..layers import FakeQuantLinear, set_module
 
@@ -66,6 +67,14 @@ def swap(model, name: str, weight: torch.Tensor, act: Optional[dict], record: di
                 getattr(layer, key).copy_(value)
     set_module(model, name, layer)
     return {"module": layer.spec(), **record}
+
+
+def merge_options(defaults: dict, given: Optional[dict], method: str) -> dict:
+    """The method's options: its defaults updated by --opt KEY=VALUE; an unknown key is refused."""
+    unknown = sorted(set(given or {}) - set(defaults))
+    if unknown:
+        raise ConfigError(f"--simulate {method} has no option '{unknown[0]}': use {', '.join(sorted(defaults)) or 'none'}")
+    return {**defaults, **(given or {})}
 
 
 def fit_group(in_features: int, group: Optional[int]) -> Optional[int]:

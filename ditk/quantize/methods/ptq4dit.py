@@ -20,7 +20,7 @@ import torch
 from ...registry import PTQ_METHODS
 from ..quantizers import check_bits, quantize_weight, static_scale
 from ..smoothing import balance, balance_factors, weight_salience
-from ._common import act_bits, collect, fit_group, swap
+from ._common import act_bits, collect, fit_group, merge_options, swap
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,9 +41,12 @@ def ssc_salience(per_t: dict, weight: torch.Tensor) -> tuple[torch.Tensor, dict]
     return s.to(weight.dtype), {int(t): (round(float(r), 4), round(float(e), 4)) for t, r, e in zip(ts, rho, eta)}
 
 
+DEFAULTS = {"ssc": True}  # ssc=false: CSB with the salience over all timesteps at once
+
+
 @PTQ_METHODS.register("ptq4dit", help="PTQ4DiT: channel-wise salience balancing with Spearman-guided timestep calibration")
 def ptq4dit(model, layers, inputs, wbits=None, abits=None, group_size=None, options=None, log=print):
-    opts = {"ssc": True, **(options or {})}
+    opts = merge_options(DEFAULTS, options, "ptq4dit")
     wb = check_bits(8 if wbits is None else wbits, "--wbits", 2, 8)
     ab = act_bits(abits)
     stats = collect(model, layers, inputs)
@@ -67,3 +70,6 @@ def ptq4dit(model, layers, inputs, wbits=None, abits=None, group_size=None, opti
                              smooth=b, act_scale=scale)
     return {"weight_bits": wb, "act_bits": ab, "layers": records,
             "report": {"spearman_rho_and_weight_per_timestep": rhos} if opts["ssc"] else {}}
+
+
+ptq4dit.defaults = DEFAULTS  # checked by ditk.quantize.api before anything is loaded

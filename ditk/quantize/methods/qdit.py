@@ -25,17 +25,20 @@ from ...registry import PTQ_METHODS
 from ..calibration import run_model
 from ..gptq import gptq
 from ..quantizers import check_bits
-from ._common import act_bits, collect, fit_group, swap
+from ._common import act_bits, collect, fit_group, merge_options, swap
 
 
 def _cost(wbits: int, in_f: int, g) -> float:
     return wbits + 32.0 / (g or in_f)  # bits per weight with a 16-bit scale and zero per group
 
 
+DEFAULTS = {"search": True, "population": 16, "iterations": 6, "mutation": 0.1, "act_group": 128, "seed": 0,
+            "fitness_inputs": 128}
+
+
 @PTQ_METHODS.register("qdit", help="Q-DiT: GPTQ weights, per-layer group sizes by evolutionary search, dynamic per-sample group activations")
 def qdit(model, layers, inputs, wbits=None, abits=None, group_size=None, options=None, log=print):
-    opts = {"search": True, "population": 16, "iterations": 6, "mutation": 0.1, "act_group": 128, "seed": 0,
-            "fitness_inputs": 128, **(options or {})}
+    opts = merge_options(DEFAULTS, options, "qdit")
     wb = check_bits(4 if wbits is None else wbits, "--wbits", 2, 8)
     ab = act_bits(abits)
     uniform_group = 32 if group_size is None else group_size
@@ -117,3 +120,6 @@ def qdit(model, layers, inputs, wbits=None, abits=None, group_size=None, options
               "configurations_evaluated": len(scores), "fitness": "output MSE vs full precision on calibration inputs"}
     apply(best)  # fitness() of `uniform` above may have left other weights in place
     return {"weight_bits": wb, "act_bits": ab, "layers": records, "report": report}
+
+
+qdit.defaults = DEFAULTS  # checked by ditk.quantize.api before anything is loaded

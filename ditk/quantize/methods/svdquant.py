@@ -18,7 +18,7 @@ import torch
 from ...registry import PTQ_METHODS
 from ..quantizers import check_bits, quantize_weight
 from ..smoothing import balance, balance_factors
-from ._common import act_bits, collect, fit_group, swap
+from ._common import act_bits, collect, fit_group, merge_options, swap
 
 
 def low_rank_split(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -29,9 +29,12 @@ def low_rank_split(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
     return l1.to(weight.dtype), l2.to(weight.dtype), (weight.double() - l1 @ l2).to(weight.dtype)
 
 
+DEFAULTS = {"rank": 32, "alpha": 0.5, "lowrank_dtype": "bfloat16"}
+
+
 @PTQ_METHODS.register("svdquant", help="SVDQuant: smoothing + rank-r 16-bit low-rank branch + 4-bit residual (W4A4)")
 def svdquant(model, layers, inputs, wbits=None, abits=None, group_size=None, options=None, log=print):
-    opts = {"rank": 32, "alpha": 0.5, "lowrank_dtype": "bfloat16", **(options or {})}
+    opts = merge_options(DEFAULTS, options, "svdquant")
     wb = check_bits(4 if wbits is None else wbits, "--wbits", 2, 8)
     ab = act_bits(4 if abits is None else abits)
     group = 64 if group_size is None else group_size
@@ -53,3 +56,6 @@ def svdquant(model, layers, inputs, wbits=None, abits=None, group_size=None, opt
                              smooth=lam, down=l2, up=l1, lowrank_dtype=opts["lowrank_dtype"])
     return {"weight_bits": wb, "act_bits": ab, "layers": records,
             "report": {"residual_norm_fraction": residual, "rank": int(opts["rank"]), "alpha": opts["alpha"]}}
+
+
+svdquant.defaults = DEFAULTS  # checked by ditk.quantize.api before anything is loaded
