@@ -115,7 +115,7 @@ def build_digits_cnn(cfg, num_classes: int = 0, class_names=None) -> DigitsCNNCo
 
 @dataclass
 class CLIPImageConfig:
-    encoder_path: str = ""  # local folder of a CLIP model (e.g. openai/clip-vit-base-patch32), or its hub-cache id
+    encoder_path: str = ""  # local folder of a CLIP model (e.g. openai/clip-vit-base-patch32)
     features: str = "embeds"  # embeds: the projected image embedding (1 token; ClipCap) | tokens: the patch tokens
 
 
@@ -134,6 +134,9 @@ class CLIPImageConditioner(ImageConditioner):
         if not path:
             raise ConfigError("the clip-image encoder needs conditioner.encoder_path=<local folder of a CLIP model, "
                               "e.g. openai/clip-vit-base-patch32>")
+        if not Path(path).is_dir():
+            raise ConfigError(f"the CLIP folder '{path}' does not exist: set conditioner.encoder_path to a local folder "
+                              "of openai/clip-vit-base-patch32 (config.json, model weights, preprocessor_config.json)")
         try:
             self.model = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)
             processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
