@@ -24,11 +24,11 @@ TINY = ["model.hidden_size=64", "model.depth=2", "model.num_heads=2", "model.pre
         "optim.lr=2e-3", "optim.warmup_steps=20", "train.ema_decay=0.99", "sample.num=4", "sample.steps=5"]
 
 
-def _train(root: Path, name: str, steps: int, preset: str = "digits-caption", extra=()) -> Path:
+def _train(root: Path, name: str, steps: int, preset: str = "digits-caption", extra=(), tiny=TINY) -> Path:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    cfg = resolve(preset, [*TINY, f"train.max_steps={steps}", f"run.name={name}", f"run.dir={root}", *extra])
+    cfg = resolve(preset, [*tiny, f"train.max_steps={steps}", f"run.name={name}", f"run.dir={root}", *extra])
     path = root / name
     cfg = prepare_run_dir(cfg, path, None)
     assert train(cfg, path, progress=False) == 0
@@ -238,3 +238,49 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path):
                     f"run.dir={tmp_path / 'runs'}", "model.feature_dim=512")
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and "encoder_path" in errors[0] and "Traceback" not in r.stderr
+
+
+def _tiny_clip(folder: Path) -> Path:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, projection_dim=16)
+    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def _tiny_coco(root: Path) -> Path:
+    from PIL import Image
+
+    for split, n in (("train2017", 3), ("val2017", 2)):
+        (root / split).mkdir(parents=True)
+        images, anns = [], []
+        for i in range(n):
+            Image.fromarray(np.full((40, 60, 3), 40 * i, dtype=np.uint8)).save(root / split / f"{i:012d}.jpg")
+            images.append({"id": i, "file_name": f"{i:012d}.jpg"})
+            anns += [{"id": 10 * i + j, "image_id": i, "caption": f"a {'dark' if i == 0 else 'grey'} picture number {j}"}
+                     for j in range(2)]
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    return root
+
+
+def test_clip_encoder_and_coco_folder_train_and_caption(tmp_path):
+    """The paper presets' path at a tiny size: CLIP image embeddings (a random tiny CLIP saved to a folder) and a
+    COCO-layout caption folder, through train and `ditk sample` (BLEU-4 against val2017's references)."""
+    clip, coco = _tiny_clip(tmp_path / "clip"), _tiny_coco(tmp_path / "coco")
+    args = ["conditioner.name=clip-image", f"conditioner.encoder_path={clip}", "model.feature_dim=16",
+            "data.name=coco-captions", f"data.path={coco}", "data.image_size=32", "data.seq_len=12",
+            "model.seq_len=12", "model.vocab_ids=[]", "train.global_batch_size=4"]
+    run = _train(tmp_path, "coco", 2, extra=args, tiny=[a for a in TINY if not a.startswith("conditioner.")])
+    r = invoke_ditk("sample", run, "--num", 2, "--num-captions", 2, "--steps", 3, "--out", tmp_path / "o",
+                    "--no-progress", check=True)
+    report = json.loads((tmp_path / "o" / "report.json").read_text())["captioning"]
+    assert "bleu4" in report and "class_word_accuracy" not in report
+    png = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((50, 70, 3), dtype=np.uint8)).save(png)  # CLIP resizes any size itself
+    invoke_ditk("sample", run, "--images", png, "--steps", 3, "--out", tmp_path / "o2", "--no-progress", check=True)
