@@ -115,7 +115,7 @@ def build_digits_cnn(cfg, num_classes: int = 0, class_names=None) -> DigitsCNNCo
 
 @dataclass
 class CLIPImageConfig:
-    encoder_path: str = ""  # local folder of a CLIP model (e.g. openai/clip-vit-base-patch32), or its hub-cache id
+    encoder_path: str = ""  # local folder of a CLIP model (e.g. openai/clip-vit-base-patch32)
     features: str = "embeds"  # embeds: the projected image embedding (1 token; ClipCap) | tokens: the patch tokens
 
 
@@ -134,6 +134,9 @@ class CLIPImageConditioner(ImageConditioner):
         if not path:
             raise ConfigError("the clip-image encoder needs conditioner.encoder_path=<local folder of a CLIP model, "
                               "e.g. openai/clip-vit-base-patch32>")
+        if not Path(path).is_dir():
+            raise ConfigError(f"the CLIP folder '{path}' does not exist: set conditioner.encoder_path to a local folder "
+                              "of openai/clip-vit-base-patch32 (config.json, model weights, preprocessor_config.json)")
         try:
             self.model = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)
             processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
@@ -143,10 +146,8 @@ class CLIPImageConditioner(ImageConditioner):
                               "to a local folder of openai/clip-vit-base-patch32") from None
         self.model.eval().requires_grad_(False)
         self.mode = cfg.features
-        size = processor.size
-        self.resize_to = int(size.get("shortest_edge", size.get("height", 224))) if isinstance(size, dict) else int(size)
-        crop = processor.crop_size
-        self.crop = int(crop.get("height", 224)) if isinstance(crop, dict) else int(crop)
+        self.resize_to = _side(processor.size, ("shortest_edge", "height"))
+        self.crop = _side(processor.crop_size, ("height", "shortest_edge"))
         self.mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
         self.std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
         vc = self.model.config
@@ -156,6 +157,8 @@ class CLIPImageConditioner(ImageConditioner):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] pictures -> CLIP's input: shorter side resized (bicubic), centre crop, mean/std normalised."""
         x = (images.float() + 1) / 2
+        if x.shape[1] == 1:  # grayscale pictures (the digits): CLIP reads RGB
+            x = x.expand(-1, 3, -1, -1)
         h, w = x.shape[-2:]
         scale = self.resize_to / min(h, w)
         x = F.interpolate(x, size=(max(self.crop, round(h * scale)), max(self.crop, round(w * scale))),
@@ -173,6 +176,17 @@ class CLIPImageConditioner(ImageConditioner):
         out = model(pixel_values=self.preprocess(images))
         feats = out.image_embeds[:, None] if self.mode == "embeds" else out.last_hidden_state
         return {"prefix": feats}
+
+
+def _side(size, keys) -> int:
+    """A preprocessor size (an int, a dict, or transformers' SizeDict) -> one side length, by the first key set."""
+    if isinstance(size, (int, float)):
+        return int(size)
+    for key in keys:
+        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        if value:
+            return int(value)
+    raise ConfigError(f"cannot read the CLIP preprocessor's size {size!r}: check preprocessor_config.json")
 
 
 @CONDITIONERS.register("clip-image", config=CLIPImageConfig)

@@ -71,21 +71,23 @@ def caption_images(pipe, images: torch.Tensor, indices: Sequence[int], num_capti
     return [texts[i * num_captions:(i + 1) * num_captions] for i in range(len(images))]
 
 
-def held_out(cfg, num: int):
-    """The first `num` items of the run's data set on its held-out split: pictures, references, labels, class_of."""
+def held_out(cfg, num: int, at_most: bool = False):
+    """The first `num` items of the run's data set on its held-out split (data.split=test): pictures, reference
+    captions, labels (or None) and a class-word reader (or None)."""
     from ..config import section_obj
     from ..registry import DATASETS
 
     data = cfg.data.copy()
     data.split = "test"
     dataset = DATASETS.build(cfg.data.name, section_obj(data))
-    if not hasattr(dataset, "references"):
+    if not hasattr(dataset, "reference_items"):
         raise ConfigError(f"data set '{cfg.data.name}' has no reference captions: pass --images PATHS to caption pictures")
-    if num > len(dataset):
-        raise ConfigError(f"the held-out split has {len(dataset)} images, fewer than --num {num}: use --num {len(dataset)}")
-    from ..data.digits_caption import class_word
-
-    return dataset.images[:num], dataset.references[:num], dataset.labels[:num].tolist(), class_word
+    if at_most:
+        num = min(num, len(dataset.references))
+    if num > len(dataset.references):
+        raise ConfigError(f"the held-out split has {len(dataset.references)} images, fewer than --num {num}: "
+                          f"use --num {len(dataset.references)}")
+    return dataset.reference_items(num)
 
 
 def contact_sheet(images: torch.Tensor, groups: Sequence[Sequence[str]], path: Path, thumb: int = 64) -> Path:
@@ -131,7 +133,8 @@ def caption_to_dir(pipe, out_dir: Path, image_paths: Optional[Sequence[str]] = N
     groups = caption_images(pipe, images, indices, num_captions, progress=False)
     seconds = time.perf_counter() - start
     lines = [json.dumps({"image": name, "index": i, "seed": [int(sc.seed), i], "captions": g,
-                         **({"references": references[i], "label": labels[i]} if references is not None else {})})
+                         **({"references": references[i]} if references is not None else {}),
+                         **({"label": labels[i]} if labels is not None else {})})
              for i, (name, g) in enumerate(zip(names, groups))]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "captions.jsonl", "\n".join(lines) + "\n")
@@ -153,7 +156,7 @@ def write_training_captions(pipe, path: Path, num: int = 16) -> None:
     """What `train` writes at its sample steps for a captioning run: a contact sheet of held-out digits."""
     was_training = pipe.model.training
     pipe.model.eval()
-    images, references, _, _ = held_out(pipe.cfg, min(num, int(pipe.cfg.sample.num)))
+    images, references, _, _ = held_out(pipe.cfg, min(num, int(pipe.cfg.sample.num)), at_most=True)
     groups = caption_images(pipe, images, list(range(len(images))), 1)
     pipe.model.train(was_training)
     contact_sheet(images, groups, path)

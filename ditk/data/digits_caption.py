@@ -162,6 +162,10 @@ class DigitsCaption(torch.utils.data.Dataset):
         index, epoch = split_index(item, self.epoch)
         return self.tokens[index, (index + epoch) % len(TEMPLATES)].clone(), self.images[index].clone()
 
+    def reference_items(self, num: int):
+        """The first `num` pictures with their reference captions, labels and the class-word reader (evaluation)."""
+        return self.images[:num], self.references[:num], self.labels[:num].tolist(), class_word
+
 
 @DATASETS.register("digits-caption", config=DigitsCaptionConfig)
 def build_digits_caption(cfg) -> DigitsCaption:
