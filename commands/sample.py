@@ -47,7 +47,7 @@ SHORTCUTS = {"num": "sample.num", "batch_size": "sample.batch_size", "seed": "sa
               help="Audio models: seconds per clip (beyond the training window: overlapping windows, MultiDiffusion).")
 @click.option("--images", multiple=True, help="Captioning runs: caption these pictures (files or folders; "
               "`--images a.png b.png`). Without it a captioning run captions its held-out split and scores it.")
-@click.option("--num-captions", type=int, help="Captioning runs: captions per image, each from its own seed (default 1).")
+@click.option("--num-captions", type=click.IntRange(1), help="Captioning runs: captions per image, each from its own seed (default 1).")
 @click.option("--resize", is_flag=True, help="Captioning runs: scale --images to the image encoder's size.")
 def command(source, overrides, preset, weights, device, out, no_progress, moe_stats, cache_opts, calibrate, compile_,
             compare_to_full, duration, images, num_captions, resize, **shortcuts):

@@ -73,6 +73,8 @@ def audio_run(tmp_path_factory):
     block matters (a freshly initialised FluxMusic is the identity: adaLN-Zero)."""
     from safetensors.torch import load_file, save_file
 
+    from ditk.runs import write_manifest
+
     root = tmp_path_factory.mktemp("audio-runs")
     small = ["model.hidden_size=32", "model.num_heads=1", "model.depth_double=1", "model.depth_single=2",
              "data.num_clips=8", "train.global_batch_size=4", "train.max_steps=1", "train.log_every=1",
@@ -84,6 +86,8 @@ def audio_run(tmp_path_factory):
         weights = load_file(str(ckpt))
         save_file({k: torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() else v
                    for k, v in weights.items()}, str(ckpt))
+    for ckpt in (run / "checkpoints").glob("step-*"):  # re-seal: the manifest guards against exactly such edits
+        write_manifest(ckpt, int(ckpt.name.split("-")[1]))
     return run
 
 
