@@ -4,7 +4,7 @@ message, and that nothing is lost: where the run can go on, its checkpoints and 
 uninterrupted reference run.
 
 Killed trainers are forked children of the test process (torch is already imported there, so a child costs
-its training steps, not an interpreter start); `DITK_TEST_KILL=<point>@<step>` (ditk.runs._kill_point) makes a
+its training steps, not an interpreter start; `ditk` subprocesses where CUDA is initialised); `DITK_TEST_KILL=<point>@<step>` (ditk.runs._kill_point) makes a
 child SIGKILL itself at a chosen point of a checkpoint write.
 """
 
@@ -15,6 +15,7 @@ import random
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -131,9 +132,36 @@ def _child(args, env, log):
     main([str(a) for a in args])
 
 
+class _Spawned:
+    """The forked child's interface over a `ditk` subprocess (used where CUDA is initialised: it does not survive
+    a fork)."""
+
+    def __init__(self, args, env, log):
+        self.log, self._file = log, open(log, "w")
+        self._proc = subprocess.Popen(["ditk", *map(str, args)], stdout=self._file, stderr=subprocess.STDOUT,
+                                      env={**os.environ, **env})
+        self.pid = self._proc.pid
+
+    def is_alive(self):
+        return self._proc.poll() is None
+
+    def join(self, timeout=None):
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self._file.flush()
+
+    @property
+    def exitcode(self):
+        return self._proc.poll()
+
+
 def fork_train(run: Path, steps: int, *extra, env=None):
     args = ["train", *ARGS, f"train.max_steps={steps}", f"run.dir={run.parent}", f"run.name={run.name}", *extra]
     log = run.parent / f"{run.name}-child.log"
+    if torch.cuda.is_initialized():
+        return _Spawned(args, env or {}, log)
     proc = multiprocessing.get_context("fork").Process(target=_child, args=(args, env or {}, str(log)))
     proc.start()
     proc.log = log
