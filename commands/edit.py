@@ -5,7 +5,7 @@ import click
 from ._common import complete_presets, parse_options, split_overrides
 
 METHODS = ("naive", "tic", "masactrl", "rf-edit", "fireflow", "rf-inversion", "custom")
-INVERSIONS = ("ddim", "bdia", "euler", "rf-solver", "fireflow", "rf-inversion")
+INVERSIONS = ("ddim", "bdia", "edict", "euler", "rf-solver", "fireflow", "rf-inversion")
 
 
 @click.command("edit")
