@@ -51,9 +51,12 @@ def test_invert_writes_artefacts_and_a_reconstruction_report(trained_run, digit_
     # edit from the artefacts (DDPM: tic reuses the stored inversion when method and steps match)
     edit_out = tmp_path / "edit"
     proc = invoke_ditk("edit", trained_run, out, "--method", "naive", "--inversion", "bdia", "--steps", "8",
-                       "--source-labels", "0,1,2", "--class-labels", "8", "--out", edit_out)
+                       "--class-labels", "8", "--out", edit_out)  # the source labels come from the artefacts
     assert proc.returncode == 0, proc.stderr
     assert "reusing the inversion" in proc.stderr
+    proc = invoke_ditk("edit", trained_run, out, "--method", "naive", "--inversion", "bdia", "--steps", "8",
+                       "--source-labels", "5", "--class-labels", "8", "--out", tmp_path / "other")
+    assert proc.returncode == 0 and "another source condition" in proc.stderr, proc.stderr
     report = json.loads((edit_out / "report.json").read_text())
     assert report["inversion_nfe"] == 0 and len(report["images"]) == 3
     assert {"predicted_class", "target_class", "feature_distance", "psnr_outside_changed_db"} <= set(report["images"][0])
