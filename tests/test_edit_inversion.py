@@ -58,8 +58,8 @@ def test_ddim_grid_is_the_ddim_sampler():
     z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     ours = sample(model, ddpm, z, COND, solver=DDIMGrid(ddpm, 10))
     theirs = sample(model, ddpm, z, COND, solver="ddim", steps=10)  # diffusers DDIMScheduler
-    # diffusers computes the coefficients in float32, the grid in float64: equal to float32 rounding
-    assert torch.allclose(ours, theirs, rtol=1e-4, atol=2e-4 * theirs.abs().max())
+    # both use the float64 alpha_bar schedule; the tensors are float32: equal to float32 rounding
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6 * theirs.abs().max())
 
 
 def test_flow_euler_grid_is_the_euler_sampler_with_shift():
