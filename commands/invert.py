@@ -29,7 +29,7 @@ METHODS = ("ddim", "bdia", "edict", "euler", "rf-solver", "fireflow", "rf-invers
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed (rf-inversion's noise target).")
 @click.option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True, help="Which weights of a run.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: <run>/inverted/<method><steps>).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: <run>/inverted/<method><steps>; an earlier invert output there is replaced).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def command(source, images, preset, method, steps, opts, class_labels, prompt, cfg_scale, save_trajectory,
             save_features, reconstruct, resize, batch_size, seed, weights, device, out, no_progress):
