@@ -76,7 +76,7 @@ def tic_control_table(pipes, images, labels, steps_list):
 
 
 EDITS = [  # (model, method, inversion, knobs, steps)
-    ("ddpm", "naive", "ddim", {}, None), ("ddpm", "naive", "bdia", {}, None), ("ddpm", "masactrl", "ddim", {}, None),
+    ("ddpm", "naive", "ddim", {}, None), ("ddpm", "naive", "bdia", {}, None), ("ddpm", "naive", "edict", {}, None), ("ddpm", "masactrl", "ddim", {}, None),
     ("ddpm", "masactrl", "ddim", {"start_step": 5}, None), ("ddpm", "tic", "ddim", {}, None),
     ("ddpm", "tic", "ddim", {"threshold": 2.0}, None),
     ("flow", "naive", "rf-solver", {}, None), ("flow", "naive", "euler", {}, None),

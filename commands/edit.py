@@ -5,7 +5,7 @@ import click
 from ._common import complete_presets, parse_options, split_overrides
 
 METHODS = ("naive", "tic", "masactrl", "rf-edit", "fireflow", "rf-inversion", "custom")
-INVERSIONS = ("ddim", "bdia", "euler", "rf-solver", "fireflow", "rf-inversion")
+INVERSIONS = ("ddim", "bdia", "edict", "euler", "rf-solver", "fireflow", "rf-inversion")
 
 
 @click.command("edit")
@@ -29,7 +29,7 @@ INVERSIONS = ("ddim", "bdia", "euler", "rf-solver", "fireflow", "rf-inversion")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed (rf-inversion's noise target).")
 @click.option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True, help="Which weights of a run.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: <run>/edited/<method><steps>).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: <run>/edited/<method><steps>-<target>; an earlier edit output there is replaced).")
 def command(source, images, preset, method, class_labels, source_labels, prompt, source_prompt, steps, inversion, opts,
             spec, mask, cfg_scale, resize, seed, weights, device, out):
     """Edit IMAGES (files, folders, or .safetensors artefacts of ditk invert) with the model in SOURCE.
@@ -54,7 +54,10 @@ def command(source, images, preset, method, class_labels, source_labels, prompt,
     pipe = load_pipeline(source, preset=preset, overrides=overrides, weights=weights, device=device)
     rules = load_spec(spec, len(pipe.model.blocks)) if spec else None
     run_root = pipe.run_dir if pipe.run_dir is not None else Path(".")
-    out_dir = Path(out) if out else run_root / "edited" / f"{method}{steps}"
+    from ditk.generate import prompt_tag
+
+    target = prompt_tag(prompt) if prompt is not None else "to-" + "-".join(str(class_labels or "").replace(",", " ").split())
+    out_dir = Path(out) if out else run_root / "edited" / f"{method}{steps}-{target}"
     report = run_edit(pipe, images, method, steps, knobs, inversion, rules, class_labels, prompt, source_labels,
                       source_prompt, cfg_scale, mask, out_dir, resize, seed)
     msg = f"[ditk] {len(report['images'])} image(s) edited with {method} ({report['nfe_per_image']} NFE/image)"

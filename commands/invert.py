@@ -4,7 +4,7 @@ import click
 
 from ._common import complete_presets, parse_options, split_overrides
 
-METHODS = ("ddim", "bdia", "euler", "rf-solver", "fireflow", "rf-inversion")
+METHODS = ("ddim", "bdia", "edict", "euler", "rf-solver", "fireflow", "rf-inversion")
 
 
 @click.command("invert")
@@ -15,7 +15,7 @@ METHODS = ("ddim", "bdia", "euler", "rf-solver", "fireflow", "rf-inversion")
               "rf-solver for flow models).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=50, show_default=True, help="Grid steps.")
 @click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
-              help="Method option: bdia gamma; rf-inversion gamma; flow methods shift (repeatable).")
+              help="Method option: bdia gamma; edict p; rf-inversion gamma; flow methods shift (repeatable).")
 @click.option("--class-labels", help="Source class of each image (cycled); default: the null label.")
 @click.option("--prompt", help="Source prompt (text models); default: the empty prompt.")
 @click.option("--cfg-scale", type=click.FloatRange(min=0), default=1.0, show_default=True,
@@ -29,7 +29,7 @@ METHODS = ("ddim", "bdia", "euler", "rf-solver", "fireflow", "rf-inversion")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed (rf-inversion's noise target).")
 @click.option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True, help="Which weights of a run.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: <run>/inverted/<method><steps>).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: <run>/inverted/<method><steps>; an earlier invert output there is replaced).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def command(source, images, preset, method, steps, opts, class_labels, prompt, cfg_scale, save_trajectory,
             save_features, reconstruct, resize, batch_size, seed, weights, device, out, no_progress):

@@ -51,9 +51,12 @@ def test_invert_writes_artefacts_and_a_reconstruction_report(trained_run, digit_
     # edit from the artefacts (DDPM: tic reuses the stored inversion when method and steps match)
     edit_out = tmp_path / "edit"
     proc = invoke_ditk("edit", trained_run, out, "--method", "naive", "--inversion", "bdia", "--steps", "8",
-                       "--source-labels", "0,1,2", "--class-labels", "8", "--out", edit_out)
+                       "--class-labels", "8", "--out", edit_out)  # the source labels come from the artefacts
     assert proc.returncode == 0, proc.stderr
     assert "reusing the inversion" in proc.stderr
+    proc = invoke_ditk("edit", trained_run, out, "--method", "naive", "--inversion", "bdia", "--steps", "8",
+                       "--source-labels", "5", "--class-labels", "8", "--out", tmp_path / "other")
+    assert proc.returncode == 0 and "another source condition" in proc.stderr, proc.stderr
     report = json.loads((edit_out / "report.json").read_text())
     assert report["inversion_nfe"] == 0 and len(report["images"]) == 3
     assert {"predicted_class", "target_class", "feature_distance", "psnr_outside_changed_db"} <= set(report["images"][0])
@@ -164,3 +167,27 @@ def test_latent_model_reports_the_vae_bound(tmp_path):
                        "--out", tmp_path / "ed")
     assert proc.returncode == 0, proc.stderr
     assert np.load(tmp_path / "ed" / "samples.npz")["arr_0"].shape == (2, 16, 16, 1)
+
+
+def test_text_model_edits_from_a_prompt(digit_pngs, tmp_path):
+    """Dimba (text by cross-attention, here a rectified flow with random weights; training it costs ~40 s on a CPU):
+    source and target prompts in one batch, injection into its self-attention hook points, guidance."""
+    import torch
+
+    from ditk.build import build_autoencoder, build_conditioner, build_model, build_objective
+    from ditk.config import resolve
+    from ditk.edit.run import run_edit
+    from ditk.generate import Pipeline
+
+    cfg = resolve("digits-dimba", ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.d_state=4",
+                                   "conditioner.max_length=8", "objective.name=rectified-flow", "model.learn_sigma=false"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    for p in model.parameters():  # non-zero adaLN gates and output layer, so attention reaches the output
+        torch.nn.init.normal_(p, std=0.05)
+    pipe = Pipeline(cfg, model, build_objective(cfg), build_autoencoder(cfg),
+                    build_conditioner(cfg, 10, None, model=model), torch.device("cpu"), source="random-dimba")
+    report = run_edit(pipe, [str(digit_pngs)], "tic", 3, {}, None, None, None, "a handwritten five", None,
+                      "a handwritten zero", 2.0, None, tmp_path / "tic", False, 0)
+    assert report["target_condition"] == "prompt: 'a handwritten five'" and report["feature_cache_mb"] > 0
+    assert report["nfe_per_image"] == 3 + 3 * 2 * 2 and (tmp_path / "tic" / "grid.png").is_file()

@@ -13,18 +13,19 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import ConfigError
-from .grids import BDIAGrid, DDIMGrid, FlowGrid
+from .grids import BDIAGrid, DDIMGrid, EDICTGrid, FlowGrid
 
 # method -> (objective it applies to, one-line description, model evaluations per step (NFE for N steps))
 METHODS = {
     "ddim": ("ddpm", "DDIM inversion (eps models; the learned-sigma half is ignored)", "N"),
     "bdia": ("ddpm", "BDIA-DDIM, exact inversion (eps models), gamma=1", "N"),
+    "edict": ("ddpm", "EDICT, exact inversion by coupled transformations (eps models), p=0.93", "2N"),
     "euler": ("rectified-flow", "Euler steps of the flow ODE", "N"),
     "rf-solver": ("rectified-flow", "RF-Solver, 2nd-order Taylor (midpoint) steps", "2N"),
     "fireflow": ("rectified-flow", "FireFlow, midpoint with the previous step's velocity reused", "N+1"),
     "rf-inversion": ("rectified-flow", "RF-Inversion, controlled forward ODE towards a fixed noise (gamma)", "N"),
 }
-OPTIONS = {"bdia": ("gamma",), "rf-inversion": ("gamma", "eta", "start", "stop"), "euler": ("shift",),
+OPTIONS = {"bdia": ("gamma",), "edict": ("p",), "rf-inversion": ("gamma", "eta", "start", "stop"), "euler": ("shift",),
            "rf-solver": ("shift",), "fireflow": ("shift",)}
 DEFAULT_METHOD = {"ddpm": "ddim", "rectified-flow": "rf-solver"}
 
@@ -54,6 +55,8 @@ def make_grid(method: str, objective, steps: int, direction: str, options: Optio
         return DDIMGrid(objective, steps, direction)
     if method == "bdia":
         return BDIAGrid(objective, steps, direction, gamma=float(options.get("gamma", 1.0)), pair=pair)
+    if method == "edict":
+        return EDICTGrid(objective, steps, direction, p=float(options.get("p", 0.93)), pair=pair)
     flow = {k: float(v) for k, v in options.items()}
     return FlowGrid(objective, steps, method=method, direction=direction, y1=y1, y0=y0, **flow)
 
@@ -86,7 +89,7 @@ class Trajectory:
 @dataclass
 class Inverted:
     noise: torch.Tensor  # (N, C, H, W): the terminal point z_N
-    pair: Optional[torch.Tensor]  # BDIA's second state member z_{N-1}; None for the other methods
+    pair: Optional[torch.Tensor]  # the second state member (BDIA z_{N-1}, EDICT y_N); None for the others
     nfe: int
     grid: dict
     trajectory: Optional[torch.Tensor] = None
@@ -110,14 +113,16 @@ def invert(model, objective, x0: torch.Tensor, cond: dict, method: str, steps: i
     traj = Trajectory() if trajectory else None
     if traj is not None:
         hooks.append(traj)
-    noise = sample(model, objective, x0, cond, solver=grid, step_hooks=hooks, progress=progress)
-    return Inverted(noise=noise, pair=getattr(grid, "pair", None), nfe=grid.nfe, grid=grid_metadata(grid),
+    out = sample(model, objective, x0, cond, solver=grid, step_hooks=hooks, progress=progress)
+    noise, pair = grid.final_state(out)
+    return Inverted(noise=noise, pair=pair, nfe=grid.nfe, grid=grid_metadata(grid),
                     trajectory=traj.stacked() if traj is not None else None)
 
 
 def sampling_start(inverted: Inverted) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(the loop's start point, the grid's pair state) for running an inversion's grid forwards. BDIA's state is
-    (z_N, z_{N-1}): the loop starts at z_{N-1} with z_N as the grid's other member; other methods start at z_N."""
+    (z_N, z_{N-1}): the loop starts at z_{N-1} with z_N as the grid's other member; EDICT's (x_N, y_N) starts at y_N;
+    other methods start at z_N."""
     if inverted.pair is not None:
         return inverted.pair, inverted.noise
     return inverted.noise, None

@@ -170,22 +170,41 @@ def read_inputs(pipe, inputs: Sequence[str], resize: bool, seed: int) -> tuple[l
     return paths, torch.cat(xs), arts
 
 
-def reuse_inversion(arts: list, plan_, steps: int, points: list[str], device) -> tuple[Optional[Inverted], Optional[FeatureStore]]:
-    """The artefacts' inversion when every input is an artefact of the plan's method and steps holding the features
-    the plan injects; otherwise (None, None) and the edit inverts again."""
+def stored_condition(arts: list, device) -> Optional[dict]:
+    """The source condition the artefacts were inverted under (their `cond|<key>` tensors), if every input has one."""
     if not arts or any(a is None for a in arts):
-        return None, None
+        return None
+    keys = [{k.split("|", 1)[1] for k in t if k.startswith("cond|")} for t, _ in arts]
+    if any(k != keys[0] for k in keys):
+        return None
+    return {k: torch.cat([t[f"cond|{k}"] for t, _ in arts]).to(device) for k in keys[0]}
+
+
+def reuse_inversion(arts: list, plan_, steps: int, points: list[str], src_cond: dict,
+                    device) -> tuple[Optional[Inverted], Optional[FeatureStore], str]:
+    """The artefacts' inversion when every input is an artefact of the plan's method, steps and options, inverted
+    under this source condition and holding the features the plan injects; otherwise (None, None, why) and the edit
+    inverts the stored images again."""
+    if not arts or any(a is None for a in arts):
+        return None, None, ""
     for tensors, meta in arts:
-        if meta.get("method") != plan_.inversion or int(meta.get("steps", -1)) != steps or meta.get("options", {}) != plan_.inversion_options:
-            return None, None
+        if (meta.get("method"), int(meta.get("steps", -1)), meta.get("options", {})) != (
+                plan_.inversion, steps, plan_.inversion_options):
+            return None, None, f"the artefacts hold a {meta.get('steps')}-step '{meta.get('method')}' inversion"
         have = {k.split("|")[2] for k in tensors if k.startswith("feat|")}
         if not set(points) <= have:
-            return None, None
+            return None, None, "the artefacts lack the features this method injects (ditk invert --save-features)"
+    stored = stored_condition(arts, device)
+    if stored is None or set(stored) != set(src_cond) or any(not torch.equal(stored[k], src_cond[k]) for k in stored):
+        return None, None, "the artefacts were inverted under another source condition"
     noise = torch.stack([t["noise"] for t, _ in arts]).to(device)
     pair = torch.stack([t["pair"] for t, _ in arts]).to(device) if "pair" in arts[0][0] else None
-    store = FeatureStore.concat([FeatureStore.from_tensors({k: v for k, v in t.items() if k.split("|")[-1] in points or not k.startswith("feat|")})
-                                 for t, _ in arts])
-    return Inverted(noise=noise, pair=pair, nfe=0, grid={}), store
+    stores = []
+    for t, _ in arts:
+        store = FeatureStore.from_tensors(t)
+        store.data = {key: v for key, v in store.data.items() if key[1] in points}
+        stores.append(store)
+    return Inverted(noise=noise, pair=pair, nfe=0, grid={}), FeatureStore.concat(stores), ""
 
 
 def digits_classifier():
@@ -250,6 +269,9 @@ def run_edit(pipe, inputs: Sequence[str], method: str, steps: int, knobs: dict, 
     paths, x0, arts = read_inputs(pipe, inputs, resize, seed)
     n = len(paths)
     src_cond, src_text = conditions(pipe, n, source_labels, source_prompt, "source")
+    stored = stored_condition(arts, pipe.device) if source_labels is None and source_prompt is None else None
+    if stored is not None:  # artefacts remember the condition they were inverted under: default to it
+        src_cond, src_text = stored, "the artefacts' source condition"
     tgt_cond, tgt_text = conditions(pipe, n, target_labels, target_prompt, "target")
     null_cond = pipe.conditioner.uncond(n, pipe.device)
     if cfg_scale != 1.0 and getattr(pipe.conditioner, "unconditional", False):
@@ -266,9 +288,11 @@ def run_edit(pipe, inputs: Sequence[str], method: str, steps: int, knobs: dict, 
         m = (load_images([Path(mask_path)], 1, size, resize=True) + 1) / 2  # white = the region to edit
         grid = pipe.model.x_embedder.grid_size
         image_mask = token_mask_from_image(m.expand(n, -1, -1, -1), grid)
-    inverted, store = reuse_inversion(arts, p, steps, capture_points(p.rules), pipe.device)
+    inverted, store, why = reuse_inversion(arts, p, steps, capture_points(p.rules), src_cond, pipe.device)
     if inverted is not None:
         log(f"reusing the inversion stored in the {n} artefact(s)")
+    elif why:
+        log(f"inverting the artefacts' images again: {why}")
     res = edit(pipe.model, pipe.objective, x0, src_cond, tgt_cond, null_cond, p, steps, cfg_scale=cfg_scale,
                image_mask=image_mask, inverted=inverted, store=store, seed=seed)
     edited = _decode(pipe, res["edited"]).clamp(-1, 1)
