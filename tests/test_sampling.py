@@ -79,7 +79,7 @@ def ddpm():
 
 
 def test_registered_solvers():
-    assert set(SOLVERS.names()) == {"ddpm", "ddim", "dpm-solver++", "unipc", "euler", "heun"}
+    assert set(SOLVERS.names()) == {"ddpm", "ddim", "dpm-solver++", "unipc", "euler", "heun", "lcm"}
 
 
 @pytest.mark.parametrize("v,kind", [(-1.0, "small"), (1.0, "large")])
