@@ -21,7 +21,7 @@ def command(preset, overrides, run_dir, resume, no_progress):
     \b
     Examples:
       ditk distill digits-dit-cd distill.teacher=runs/digits-dit          (4-step consistency student)
-      ditk distill digits-dit distill.method=kd distill.teacher=runs/digits-dit distill.student=digits-dit-small
+      ditk distill digits-dit distill.method=kd distill.teacher=runs/digits-dit distill.student=small.yaml
       ditk sample runs/digits-dit-cd                                      (samples with the student's solver/steps)
 
     The student is an ordinary run (checkpoints, resume, pre-emption, DDP as `ditk train`) whose

@@ -169,3 +169,26 @@ def test_a_flow_teacher_with_the_ddim_teacher_solver_is_refused(flow_teacher, tm
     proc = invoke_ditk("distill", "digits-dit-flow", *TINY, "distill.method=consistency",
                        f"distill.teacher={flow_teacher}", f"run.dir={tmp_path / 'runs'}", *FAST)
     assert proc.returncode == 2 and "teacher_solver" in proc.stderr and not (tmp_path / "runs").exists()
+
+
+def test_the_lcm_sampler_applies_the_trained_consistency_function():
+    """One `lcm` sampling step from pure noise is exactly the consistency function the method trains (DDPM: at
+    t = 999 with LCM's c_skip / c_out; flow: x - v at t = 1); more steps re-noise and apply it again."""
+    from ditk.models.dit import DiT
+    from ditk.objectives.ddpm import DDPM
+    from ditk.objectives.flow import RectifiedFlow
+    from ditk.sampling import sample
+
+    torch.manual_seed(0)
+    for objective in (DDPM(), RectifiedFlow()):
+        model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10,
+                    learn_sigma=objective.name == "ddpm").eval()
+        for p in model.final_layer.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        cm = method(objective)
+        z, cond = torch.randn(3, 1, 8, 8), {"y": torch.tensor([1, 2, 3])}
+        top = torch.full((3,), 999) if objective.name == "ddpm" else torch.ones(3)
+        with torch.no_grad():
+            want = cm.consistency_function(model, z, top, cond)
+        got = sample(model, objective, z, cond, solver="lcm", steps=1)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
