@@ -21,7 +21,7 @@ SHORTCUTS = {"num": "sample.num", "batch_size": "sample.batch_size", "seed": "sa
 @click.option("--num", type=int, help="Number of images.")
 @click.option("--batch-size", type=int, help="Images per forward pass (does not change the images).")
 @click.option("--seed", type=int, help="Image i uses the seed (seed, i).")
-@click.option("--solver", help="ddpm, ddim, dpm-solver++, unipc (DDPM models); euler, heun (flow models).")
+@click.option("--solver", help="ddpm, ddim, dpm-solver++, unipc (DDPM models); euler, heun (flow models); lcm (consistency-distilled students).")
 @click.option("--steps", type=int, help="Number of solver steps.")
 @click.option("--cfg-scale", type=float, help="Classifier-free guidance scale (1 = off).")
 @click.option("--cfg-channels", type=int, help="Guide only the first N channels (DiT's convention: 3).")

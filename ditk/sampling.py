@@ -38,6 +38,7 @@ _register("dpm-solver++", "DPM-Solver++(2M), deterministic multistep")
 _register("unipc", "UniPC multistep predictor-corrector")
 _register("euler", "Euler steps of the flow ODE (DiT-MoE/FluxMusic: 50 steps)", _CHURN)
 _register("heun", "Heun (2nd order) steps of the flow ODE, 2 model calls per step", _CHURN)
+_register("lcm", "multistep consistency sampling (LCM) of a consistency-distilled student (ditk distill), 1-8 steps")
 
 
 def guide(out: torch.Tensor, cfg_scale: float, cfg_channels: Optional[int], channels: int) -> torch.Tensor:

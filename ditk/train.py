@@ -148,7 +148,7 @@ def train(cfg: DictConfig, run_path: Path, progress: bool = True) -> int:
     uses_ema = getattr(objective, "uses_ema", True)
     ema = copy.deepcopy(model).requires_grad_(False).eval() if uses_ema else model
     if hasattr(objective, "attach"):  # a distillation method (ditk.distill): loads its frozen teacher, sees the EMA
-        objective.attach(ema=ema, conditioner=conditioner, device=device)
+        objective.attach(ema=ema, conditioner=conditioner, device=device, run_dir=run.path)
 
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),

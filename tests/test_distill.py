@@ -144,3 +144,25 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained_run, tmp_path, 
 def test_a_preset_without_distill_section_says_how():
     proc = invoke_ditk("distill", "digits-dit", "--no-progress")
     assert proc.returncode == 2 and "distill.method" in proc.stderr
+
+
+@pytest.mark.parametrize("preset, method, params", [
+    ("dit-xl-2-lcm", "consistency", 675.1e6), ("dit-xl-2-dmd2", "dmd2", 675.1e6),
+    ("digits-dit-cd", "consistency", None), ("digits-dit-dmd2", "dmd2", None),
+    ("digits-dit-progressive", "progressive", None), ("digits-dit-reflow", "reflow", None),
+])
+def test_distill_presets_build_and_validate(preset, method, params):
+    """Every distill preset resolves (the paper-scale ones with their required paths given), its method accepts
+    its options, and the student model builds (on the meta device: DiT-XL/2 is 675.1M, the paper's 675M)."""
+    from ditk.build import build_model, build_objective
+    from ditk.config import resolve
+    from ditk.distill import build_method
+
+    paths = ["data.path=/data", "autoencoder.path=/vae"] if params else []
+    cfg = resolve(preset, ["distill.teacher=/teacher", *paths])
+    assert cfg.distill.method == method
+    build_method(cfg, build_objective(cfg))
+    if params:
+        with torch.device("meta"):
+            model = build_model(cfg)
+        assert abs(sum(p.numel() for p in model.parameters()) - params) < 0.1e6

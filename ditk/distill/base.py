@@ -2,7 +2,7 @@
 
 A method is an objective for the training loop (`training_losses`, `sample_time`, optional `begin_step` /
 `end_step` / `state_dict`) that also holds a teacher. The loop calls `attach(ema=..., conditioner=...,
-device=...)` once before training: the teacher is built from its run's config, loaded from its EMA weights, put
+device=..., run_dir=...)` once before training: the teacher is built from its run's config, loaded from its EMA weights, put
 in eval mode with requires_grad False and never written (the loop's optimizer never sees it, and it is not in
 any checkpoint). Everything the loop or the sampler asks that a method does not define (solvers, schedulers,
 `learn_sigma`, `model_time`, ...) is the wrapped objective's, so a student is an ordinary run of the teacher's
@@ -98,14 +98,23 @@ class Distiller:
     @classmethod
     def check(cls, options, cfg, teacher_cfg) -> None:
         """Refuse a configuration the method cannot run (called by the command before the run dir is written)."""
+        from ..build import build_objective
+
         if teacher_cfg.objective.name not in cls.objectives:
             raise ConfigError(f"distill.method={cfg.distill.method} does not apply to a {teacher_cfg.objective.name} "
                               f"teacher: it supports {', '.join(cls.objectives)}")
+        cls(options, build_objective(cfg), cfg)  # the constructor validates the method's options
 
-    def attach(self, ema=None, conditioner=None, device=None) -> None:
-        """Called once by the training loop: load the frozen teacher; keep the student's EMA and the conditioner."""
+    def attach(self, ema=None, conditioner=None, device=None, run_dir=None) -> None:
+        """Called once by the training loop: load the frozen teacher; keep the student's EMA and the conditioner
+        (run_dir: the student's run directory, for methods that keep files there)."""
         self.teacher, self.teacher_cfg = load_teacher(self.options.teacher, device)
         self.ema, self.conditioner = ema, conditioner
+
+    @property
+    def cfg_channels(self) -> Optional[int]:
+        """The channels the teacher's guidance applies to (its run's sample.cfg_channels: DiT's 3 of 4 latents)."""
+        return self.teacher_cfg.sample.cfg_channels if self.teacher_cfg is not None else None
 
     def uncond_like(self, cond: dict, n: int) -> Optional[dict]:
         """The null conditioning of a batch of n (None for an unconditional model)."""

@@ -116,7 +116,7 @@ class DDPM(Objective):
     """ADM/DiT Gaussian diffusion. Times are integer steps 0..T-1 (0 = least noise)."""
 
     name = "ddpm"
-    solvers = ("ddpm", "ddim", "dpm-solver++", "unipc")
+    solvers = ("ddpm", "ddim", "dpm-solver++", "unipc", "lcm")
 
     def __init__(self, cfg=None):
         cfg = DDPMConfig() if cfg is None else cfg
@@ -304,6 +304,13 @@ class DDPM(Objective):
                 DDIMScheduler, options, **common,
                 clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading",
             )
+        elif solver == "lcm":
+            # Multistep consistency sampling of a consistency-distilled student (ditk.distill.consistency): x̂0 with
+            # LCM's c_skip / c_out, re-noised to the next of the LCM timesteps (999, 759, 499, 259 at 4 steps of the
+            # original_inference_steps = 50 grid the student was distilled on).
+            from diffusers import LCMScheduler
+
+            scheduler = build_scheduler(LCMScheduler, options, **common, clip_sample=False)
         elif solver == "dpm-solver++":
             # DPM-Solver++(2M); it reads the previous sigma from its own table, so any spacing is exact.
             scheduler = build_scheduler(

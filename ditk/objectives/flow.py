@@ -44,7 +44,7 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
 @OBJECTIVES.register("rectified-flow", config=FlowConfig, help="rectified flow: z_t=(1-t)x0+t*eps, predict eps-x0")
 class RectifiedFlow(Objective):
     name = "rectified-flow"
-    solvers = ("euler", "heun", "dpm-solver++", "unipc")
+    solvers = ("euler", "heun", "dpm-solver++", "unipc", "lcm")
 
     def __init__(self, cfg=None):
         cfg = FlowConfig() if cfg is None else cfg
@@ -112,6 +112,14 @@ class RectifiedFlow(Objective):
             )
             # The uniform grid t = 1, (N-1)/N, ..., 1/N (then 0) that DiT-MoE/FluxMusic's Euler loop uses; the
             # scheduler applies the shift to it. (Its default grid ends at 1/1000 instead.)
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1].tolist(), device=device)
+            return scheduler
+        if solver == "lcm":
+            # Multistep consistency sampling of a consistency-distilled flow student: x̂0 = x - t v, re-noised to the
+            # next t of the same uniform grid as euler.
+            from diffusers import FlowMatchLCMScheduler
+
+            scheduler = build_scheduler(FlowMatchLCMScheduler, options, num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
             scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1].tolist(), device=device)
             return scheduler
         if solver == "heun":
