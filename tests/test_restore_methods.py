@@ -123,14 +123,22 @@ def _tiny_dit(seed=0):
     return model.eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("task", ["sr2", "blur", "inpaint-box"])
-def test_dps_gradient_equals_finite_differences(task):
+def _decoder(z):
+    """A stand-in for a VAE decoder: 4x4 latents -> 8x8 images, smooth and nonlinear."""
+    return torch.tanh(torch.nn.functional.interpolate(z, scale_factor=2, mode="bilinear", align_corners=False))
+
+
+@pytest.mark.parametrize("task, latent", [("sr2", False), ("blur", False), ("inpaint-box", False), ("sr2", True)])
+def test_dps_gradient_equals_finite_differences(task, latent):
+    """The gradient of ||y - A(x0_hat(x_t))|| through the model (and, for latent priors, the decoder)."""
     objective = DDPM()
-    op = build_operator(task, SHAPE, {"sigma": 0.7, "size": 3} if task == "blur" else {})
+    pixels = (1, 8, 8) if latent else SHAPE
+    op = build_operator(task, pixels, {"sigma": 0.7, "size": 3} if task == "blur" else {})
     model = _tiny_dit()
     g = torch.Generator().manual_seed(3)
-    y = op.A(torch.randn(2, *SHAPE, generator=g, dtype=torch.float64) * 0.3)
-    method = get_method("dps")(op, y, objective, 0.05)
+    y = op.A(torch.randn(2, *pixels, generator=g, dtype=torch.float64) * 0.3)
+    decode = _decoder if latent else None
+    method = get_method("dps")(op, y, objective, 0.05, decode=decode)
     scheduler = objective.make_scheduler("ddpm", 20)
     method.begin(scheduler)
     i = 8
@@ -139,7 +147,8 @@ def test_dps_gradient_equals_finite_differences(task):
 
     def f(x):  # the DPS data term, written out independently of the method
         eps = model(x, torch.full((x.shape[0],), float(t), dtype=torch.float64))[:, :1]
-        x0 = ((x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)).clamp(-1, 1)
+        x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+        x0 = _decoder(x0) if latent else x0.clamp(-1, 1)  # no [-1, 1] clip in latent space
         return (y - op.A(x0)).flatten(1).norm(dim=1).sum()
 
     x = (0.3 * torch.randn(2, *SHAPE, generator=g, dtype=torch.float64)).requires_grad_(True)
