@@ -35,7 +35,7 @@ def main():
                     help="steps per method (DPS paper: 1000)")
     ap.add_argument("--pnp-samples", type=int, default=5, help="PnP-Flow noise draws averaged per step (paper: 5)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default="benchmarks/results/restore.json")
+    ap.add_argument("--json", default="docs/restore-benchmark.json")
     ap.add_argument("--grid", default="docs/restore-grid.png")
     args = ap.parse_args()
 

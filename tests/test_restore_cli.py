@@ -24,11 +24,11 @@ def flow_run(tmp_path_factory):
     return root / "digits-dit-flow"
 
 
-@pytest.mark.parametrize("method", ["ddnm", "dps", "pigdm"])
-def test_restore_end_to_end(trained_run, clean_digits, tmp_path, method):
+@pytest.mark.parametrize("method, extra", [("ddnm", ["--method-opt", "svd=true"]), ("dps", []), ("pigdm", [])])
+def test_restore_end_to_end(trained_run, clean_digits, tmp_path, method, extra):
     out = tmp_path / "out"
     proc = invoke_ditk("restore", trained_run, clean_digits, "--task", "sr2", "--method", method, "--degrade",
-                       "--sigma-y", "0.05", "--steps", "4", "--out", out, "--no-progress", check=True)
+                       "--sigma-y", "0.05", "--steps", "4", "--out", out, "--no-progress", *extra, check=True)
     assert proc.stdout == f"{out}\n"
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == method and report["nfe_per_image"] == 4 and report["num"] == 3

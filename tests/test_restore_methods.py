@@ -99,16 +99,33 @@ def test_ddnm_time_travel_schedule_and_consistency():
     assert (op.A(out) - y).abs().max() < 1e-5
 
 
-def test_ddnm_plus_noise_scaling():
-    """lambda_t, gamma_t keep the total noise of x_{t-1} at the posterior's sigma_t."""
+def test_ddnm_plus_simplified_noise_scaling():
+    """lambda_t, gamma_t keep the total noise of x_{t-1} at the posterior's sigma_t (pixel-wise)."""
     op = build_operator("sr2", SHAPE)
     m = get_method("ddnm")(op, torch.zeros(1, *op.y_shape()), DDPM(), 0.2)
     for a, sigma_t in [(0.5, 0.3), (0.9, 0.01), (0.1, 0.05)]:
         lam, gamma = m.scales(a, sigma_t)
         assert 0 <= lam <= 1
-        assert math.isclose(gamma ** 2 + (a * lam * 0.2) ** 2, sigma_t ** 2, rel_tol=1e-9) or (gamma == 0 and lam < 1)
-        if gamma == 0:
-            assert math.isclose(a * lam * 0.2, sigma_t, rel_tol=1e-9)
+        assert math.isclose(gamma ** 2 + (a * lam * 0.2) ** 2, sigma_t ** 2, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("task", ["sr2", "blur", "inpaint-random"])
+def test_ddnm_plus_keeps_every_component_at_the_posterior_noise(task):
+    """DDNM+ (SVD form): the measurement noise that x0' inherits (a A^dagger_lambda sigma_y n) plus the noise the
+    step adds has covariance sigma_t^2 I: a^2 sigma_y^2 A_l A_l^T + sigma_t^2 (I - P) + M M^T = sigma_t^2 I."""
+    op = build_operator(task, SHAPE, {"sigma": 0.6, "size": 3} if task == "blur" else {})
+    sigma_y = 0.2
+    m = get_method("ddnm")(op, torch.zeros(1, *op.y_shape()), DDPM(), sigma_y, {"svd": True})
+    eye_x = torch.eye(D).reshape(D, *SHAPE)
+    ydim = op.A(eye_x[:1]).numel()
+    eye_y = torch.eye(ydim).reshape(ydim, *op.y_shape())
+    for a, sigma_t in [(0.5, 0.3), (0.9, 0.01), (0.1, 0.05)]:
+        lam, noise_over_s = m.spectral(a, sigma_t)
+        A_l = op.At(op.gram_apply(eye_y, lambda eig: lam(eig) * op._inv_eig(eig))).reshape(ydim, D).T.double()
+        M = op.At(op.gram_apply(eye_y, noise_over_s)).reshape(ydim, D).T.double()
+        P = op.pinv(op.A(eye_x)).reshape(D, D).T.double()
+        total = a ** 2 * sigma_y ** 2 * A_l @ A_l.T + sigma_t ** 2 * (torch.eye(D, dtype=torch.float64) - P) + M @ M.T
+        assert torch.allclose(total, sigma_t ** 2 * torch.eye(D, dtype=torch.float64), atol=1e-5), (task, a, sigma_t)
 
 
 def _tiny_dit(seed=0):
@@ -123,14 +140,22 @@ def _tiny_dit(seed=0):
     return model.eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("task", ["sr2", "blur", "inpaint-box"])
-def test_dps_gradient_equals_finite_differences(task):
+def _decoder(z):
+    """A stand-in for a VAE decoder: 4x4 latents -> 8x8 images, smooth and nonlinear."""
+    return torch.tanh(torch.nn.functional.interpolate(z, scale_factor=2, mode="bilinear", align_corners=False))
+
+
+@pytest.mark.parametrize("task, latent", [("sr2", False), ("blur", False), ("inpaint-box", False), ("sr2", True)])
+def test_dps_gradient_equals_finite_differences(task, latent):
+    """The gradient of ||y - A(x0_hat(x_t))|| through the model (and, for latent priors, the decoder)."""
     objective = DDPM()
-    op = build_operator(task, SHAPE, {"sigma": 0.7, "size": 3} if task == "blur" else {})
+    pixels = (1, 8, 8) if latent else SHAPE
+    op = build_operator(task, pixels, {"sigma": 0.7, "size": 3} if task == "blur" else {})
     model = _tiny_dit()
     g = torch.Generator().manual_seed(3)
-    y = op.A(torch.randn(2, *SHAPE, generator=g, dtype=torch.float64) * 0.3)
-    method = get_method("dps")(op, y, objective, 0.05)
+    y = op.A(torch.randn(2, *pixels, generator=g, dtype=torch.float64) * 0.3)
+    decode = _decoder if latent else None
+    method = get_method("dps")(op, y, objective, 0.05, decode=decode)
     scheduler = objective.make_scheduler("ddpm", 20)
     method.begin(scheduler)
     i = 8
@@ -139,7 +164,8 @@ def test_dps_gradient_equals_finite_differences(task):
 
     def f(x):  # the DPS data term, written out independently of the method
         eps = model(x, torch.full((x.shape[0],), float(t), dtype=torch.float64))[:, :1]
-        x0 = ((x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)).clamp(-1, 1)
+        x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+        x0 = _decoder(x0) if latent else x0.clamp(-1, 1)  # no [-1, 1] clip in latent space
         return (y - op.A(x0)).flatten(1).norm(dim=1).sum()
 
     x = (0.3 * torch.randn(2, *SHAPE, generator=g, dtype=torch.float64)).requires_grad_(True)
