@@ -55,6 +55,17 @@ def test_ssc_weights_timesteps_by_softmax_of_minus_spearman_rho():
     assert info[1][1] > info[0][1]  # the anti-correlated timestep weighs more
 
 
+def test_viditq_salience_is_the_momentum_average_over_the_trajectory():
+    from ditk.quantize.methods.viditq import momentum_salience
+
+    # timestep -> (sum over samples of the per-sample max |X_j|, samples)
+    summax = {999: (torch.tensor([4.0, 2.0]), 2), 500: (torch.tensor([2.0, 6.0]), 1), 0: (torch.tensor([0.0, 3.0]), 3)}
+    a = torch.tensor([2.0, 1.0])  # t = 999 first: the mean over its 2 samples
+    a = 0.95 * a + 0.05 * torch.tensor([2.0, 6.0])
+    a = 0.95 * a + 0.05 * torch.tensor([0.0, 1.0])
+    torch.testing.assert_close(momentum_salience(summax, 0.95), a)
+
+
 def test_svdquant_with_full_rank_reproduces_the_weight_exactly():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 32, generator=g, dtype=torch.float64)
@@ -88,7 +99,7 @@ def calib_env(tmp_path_factory):
     return {"DITK_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
 
 
-@pytest.mark.parametrize("method", ["rtn", "ptq4dit", "svdquant", "qdit"])
+@pytest.mark.parametrize("method", ["rtn", "ptq4dit", "svdquant", "qdit", "viditq"])
 def test_methods_write_a_simulated_folder_that_loads_identically_in_a_fresh_process(trained_run, tmp_path, method,
                                                                                     monkeypatch, calib_env):
     from ditk.quantize.api import quantize

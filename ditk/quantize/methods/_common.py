@@ -14,12 +14,14 @@ from ..layers import FakeQuantLinear, set_module
 
 
 class LayerStats:
-    """Per layer: absmax of each input channel (overall and per timestep), X Xᵀ (GPTQ), row count."""
+    """Per layer: absmax of each input channel (overall and per timestep), the per-timestep sum of per-sample
+    absmax (ViDiT-Q averages it over samples), X Xᵀ (GPTQ), row count."""
 
     def __init__(self, hessian: bool):
         self.hessian = hessian
         self.absmax: dict[str, torch.Tensor] = {}
         self.absmax_t: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+        self.summax_t: dict[str, dict[int, tuple]] = defaultdict(dict)  # t -> (sum over samples, count)
         self.xxt: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = defaultdict(int)
 
@@ -33,9 +35,12 @@ def collect(model, layers: list[str], inputs: dict, hessian: bool = False, batch
         x = x.float()
         per_sample = x.reshape(x.shape[0], -1, x.shape[-1]).abs().amax(dim=1)  # (N, in)
         for t in current_t["values"].unique().tolist():
-            m = per_sample[current_t["values"] == t].amax(dim=0)
+            rows_t = per_sample[current_t["values"] == t]
+            m = rows_t.amax(dim=0)
             old = stats.absmax_t[name].get(t)
             stats.absmax_t[name][t] = m if old is None else torch.maximum(old, m)
+            total, count = stats.summax_t[name].get(t, (0, 0))
+            stats.summax_t[name][t] = (total + rows_t.sum(dim=0), count + rows_t.shape[0])
         m = per_sample.amax(dim=0)
         stats.absmax[name] = m if name not in stats.absmax else torch.maximum(stats.absmax[name], m)
         rows = x.reshape(-1, x.shape[-1]).double()
