@@ -284,3 +284,24 @@ def test_clip_encoder_and_coco_folder_train_and_caption(tmp_path):
 
     Image.fromarray(np.zeros((50, 70, 3), dtype=np.uint8)).save(png)  # CLIP resizes any size itself
     invoke_ditk("sample", run, "--images", png, "--steps", 3, "--out", tmp_path / "o2", "--no-progress", check=True)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    """DDP over 2 CPU processes (gloo): the embedding table and LM head used outside forward (by the objective)
+    still get the all-reduced gradients, so 2 processes compute the updates of 1."""
+    from ditk_testing import run_ditk
+
+    common = ["digits-caption", *TINY, "train.max_steps=3", "--no-progress"]
+    run_ditk("train", *common, f"run.dir={tmp_path / 'one'}", check=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "ditk", "train", *common, f"run.dir={tmp_path / 'two'}"]
+    two = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "digits-caption" / "checkpoints" / "step-000003" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "digits-caption" / "checkpoints" / "step-000003" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
