@@ -4,7 +4,8 @@ Trains `digits-caption` (Diffusion-LM over word embeddings with an image prefix)
 data, tokenizer, vocabulary, image encoder, mapping network and width; causal layers, next-token loss) for the same
 number of steps with the same batch and seed, then captions the same held-out digits K times each (caption k of
 image i from seed (seed, i, k)) and scores both: class-word accuracy and BLEU-4 against the four reference phrasings
-of each digit, distinct-1/2 and self-BLEU over the K captions of an image, parameters, seconds per caption.
+of each digit, attribute accuracy (the measured thickness / slant / size levels named), distinct-1/2 and self-BLEU
+over the K captions of an image, parameters, seconds per caption.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_caption.py --steps 1000 --images 100 --k 5 --sheet docs/digits-caption-sheet.png
 
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
 
     from ditk.caption.generate import caption_images, contact_sheet, held_out
     from ditk.caption.metrics import caption_report
+    from ditk.data.digits_caption import attribute_accuracy
     from ditk.generate import load_pipeline
 
     root = Path(args.runs or tempfile.mkdtemp(prefix="bench-caption-"))
@@ -60,6 +62,7 @@ def main(argv=None) -> int:
         groups = caption_images(pipe, images, list(range(len(images))), args.k)
         seconds = time.perf_counter() - start
         report = caption_report(groups, refs, labels, class_of)
+        report["attribute_accuracy"] = round(attribute_accuracy(groups, refs), 4)
         report["parameters"] = sum(p.numel() for p in pipe.model.parameters())
         report["seconds_per_caption"] = round(seconds / (len(images) * args.k), 5)
         report["examples"] = groups[:3]
@@ -70,7 +73,8 @@ def main(argv=None) -> int:
             print(f"[bench] contact sheet -> {args.sheet}", file=sys.stderr)
 
     d, a = results["digits-caption"], results["digits-caption-ar"]
-    rows = [("class-word accuracy", "class_word_accuracy"), ("BLEU-4", "bleu4"), ("distinct-1", "distinct_1"),
+    rows = [("class-word accuracy (chance 0.1)", "class_word_accuracy"),
+            ("attribute accuracy (chance 1/3)", "attribute_accuracy"), ("BLEU-4", "bleu4"), ("distinct-1", "distinct_1"),
             ("distinct-2", "distinct_2"), ("self-BLEU (lower = more diverse)", "self_bleu"),
             ("parameters", "parameters"), ("s / caption", "seconds_per_caption")]
     lines = ["| | Prefix-diffusion (`digits-caption`) | autoregressive (`digits-caption-ar`) |", "|---|---|---|"]

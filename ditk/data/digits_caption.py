@@ -22,6 +22,7 @@ picture, which the image conditioner encodes. The training loop diffuses the fir
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,6 +105,21 @@ def vocabulary(tokenizer) -> list[int]:
     ids = {i for row in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in row}
     special = [tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id]
     return special + sorted(ids - set(special))
+
+
+def attribute_accuracy(groups, references) -> float:
+    """Over every attribute (thickness, slant, size) a caption mentions, the fraction it names at the digit's
+    measured level; mentioning several levels of one attribute counts as wrong. Chance: 1/3."""
+    hits = total = 0
+    for group, refs in zip(groups, references):
+        truth = refs[0]  # the first phrasing names all three levels
+        for caption in group:
+            for levels in (THICKNESS, SLANT, SIZE):
+                named = [w for w in levels if re.search(rf"\b{w}\b", caption)]
+                if named:
+                    hits += len(named) == 1 and re.search(rf"\b{named[0]}\b", truth) is not None
+                    total += 1
+    return hits / max(1, total)
 
 
 @functools.lru_cache(maxsize=4)

@@ -177,8 +177,7 @@ class CaptionDiT(nn.Module):
 
     def initialize_weights(self) -> None:
         # DiT's initialisation for the transformer (xavier linears, N(0, 0.02) time MLP, adaLN-Zero, zero output);
-        # the embedding table keeps N(0, 1) and the positions get N(0, 0.02) (BERT's learned positions).
-        table = self.word_embedding.weight.detach().clone()
+        # the embedding table (not a Linear) keeps N(0, 1) and the positions get N(0, 0.02) (BERT's learned positions).
         xavier_init_linears(self)
         nn.init.normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
@@ -189,8 +188,6 @@ class CaptionDiT(nn.Module):
         for p in (self.final_layer.adaLN_modulation[-1].weight, self.final_layer.adaLN_modulation[-1].bias,
                   self.final_layer.linear.weight, self.final_layer.linear.bias):
             nn.init.zeros_(p)
-        with torch.no_grad():
-            self.word_embedding.weight.copy_(table)
 
     # -- what the objective and the sampler use ------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
