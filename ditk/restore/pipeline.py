@@ -8,11 +8,9 @@ image, the gray image; A^dagger y for compressed sensing), ground_truth/NNNNNN.p
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -120,7 +118,6 @@ class Result:
     images: torch.Tensor  # (N, C, H, W) in [-1, 1]
     nfe: int  # model evaluations per image
     seconds: float
-    warnings: list = field(default_factory=list)
 
 
 def restore_batch(pipe, op: Operator, method_name: str, y: torch.Tensor, indices: Sequence[int], *, sigma_y: float,

@@ -13,8 +13,6 @@ them after each model call, and feeds the loop z~ through `step_begin`.
 
 from __future__ import annotations
 
-import torch
-
 from .base import Method, register
 
 
