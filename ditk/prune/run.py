@@ -35,6 +35,8 @@ def model_section(cfg: DictConfig) -> dict:
 
 def check_request(cfg: DictConfig, out: Path) -> None:
     """Everything that can be refused before any weight is read (bad input: one line, nothing written)."""
+    if "prune" not in cfg or not cfg.prune.source:
+        raise ConfigError("missing prune.source: set prune.source=runs/<name> (a run, one of its checkpoints, or a weights file)")
     p = cfg.prune
     if not p.source:
         raise ConfigError("missing prune.source: set prune.source=runs/<name> (a run, one of its checkpoints, or a weights file)")
