@@ -16,7 +16,7 @@ from ..atomic import atomic_dir
 from ..build import build_model
 from ..config import load_run_config, to_yaml
 from ..errors import ConfigError
-from ..runs import RunDir, checkpoint_name, resolve_checkpoint, save_json
+from ..runs import RunDir, checkpoint_name, resolve_checkpoint
 from .layout import PRUNABLE, layout_for
 
 DEPTH_METHODS = ("score", "index", "random", "learnable")
