@@ -42,6 +42,12 @@ def command(preset, overrides, run_dir, no_progress):
     # YAML 1.1 reads an unquoted 2:4 as the sexagesimal number 124: keep the pattern a string.
     overrides = [f"prune.pattern='{o.split('=', 1)[1]}'" if o.startswith("prune.pattern=") and "'" not in o else o
                  for o in overrides]
+    # A target given on the command line replaces the preset's (prune.keep and prune.pattern exclude each other).
+    given = {o.split("=", 1)[0] for o in overrides}
+    if "prune.pattern" in given and "prune.keep" not in given:
+        overrides.append("prune.keep=0")
+    if "prune.keep" in given and "prune.pattern" not in given:
+        overrides.append("prune.pattern=''")
     cfg = resolve(preset, overrides)
     out = Path(run_dir) if run_dir else Path(cfg.run.dir) / cfg.run.name
     from ditk.prune.run import check_request

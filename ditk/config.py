@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
-from .schema import DEFAULT_NAMES, FIXED_SECTIONS, OPTIONAL_SECTIONS, REGISTRY_SECTIONS
+from .schema import DEFAULT_NAMES, FIXED_SECTIONS, OPTIONAL_FIXED_SECTIONS, OPTIONAL_SECTIONS, REGISTRY_SECTIONS
 
 
 def presets_root() -> Path:
@@ -151,7 +151,7 @@ def validate(cfg: DictConfig, allow_missing: Iterable[str] = ()) -> DictConfig:
     from . import registry
 
     raw = OmegaConf.to_container(cfg, resolve=True)
-    known = list(FIXED_SECTIONS) + list(REGISTRY_SECTIONS) + list(OPTIONAL_SECTIONS)
+    known = list(FIXED_SECTIONS) + list(REGISTRY_SECTIONS) + list(OPTIONAL_SECTIONS) + list(OPTIONAL_FIXED_SECTIONS)
     for key in raw:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
@@ -160,6 +160,9 @@ def validate(cfg: DictConfig, allow_missing: Iterable[str] = ()) -> DictConfig:
     out = {}
     for section, schema in FIXED_SECTIONS.items():
         out[section] = _typed_section(section, raw.get(section), schema, section in allow_missing)
+    for section, schema in OPTIONAL_FIXED_SECTIONS.items():  # present only when given (e.g. `prune`)
+        if section in raw:
+            out[section] = _typed_section(section, raw.get(section), schema, section in allow_missing)
     for section, reg_name in REGISTRY_SECTIONS.items():
         given = dict(raw.get(section) or {})
         name = given.pop("name", DEFAULT_NAMES.get(section))

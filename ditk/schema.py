@@ -67,7 +67,7 @@ class SampleConfig:
 
 @dataclass
 class PruneConfig:
-    """`ditk prune` (ditk.prune): what to prune, how, and the recovery fine-tune. Unused by other commands."""
+    """`ditk prune` (ditk.prune): what to prune, how, and the recovery fine-tune (an optional section)."""
     source: str = ""  # the run (or its checkpoints/step-N folder, or an official weights file) to prune
     method: str = "score"  # score | index | random | learnable | experts | width
     criterion: str = "bi"  # score: bi (Block Influence) | oracle (loss increase when the block is removed)
@@ -93,8 +93,10 @@ class PruneConfig:
     lr_reference_batch: int = 256  # the global batch optim.lr was tuned for
 
 
-FIXED_SECTIONS = {"run": RunConfig, "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig,
-                  "prune": PruneConfig}
+FIXED_SECTIONS = {"run": RunConfig, "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig}
+# Sections typed by a schema that only some configs have (a run made by `ditk prune` records its `prune:`
+# settings; other runs have no such section).
+OPTIONAL_FIXED_SECTIONS = {"prune": PruneConfig}
 # section -> registry attribute name in ditk.registry
 REGISTRY_SECTIONS = {
     "model": "MODELS",

@@ -116,3 +116,14 @@ def test_recovery_needs_a_run_as_teacher(source, tmp_path):
     proc = invoke_ditk("prune", "digits-dit", *SMALL, f"prune.source={weights}", "prune.keep=2",
                        "prune.recover_steps=2", f"run.dir={source}", "run.name=norun")
     assert proc.returncode == 2 and "ditk run" in proc.stderr and not (source / "norun").exists()
+
+
+def test_ditk_distill_kd_accepts_a_pruned_run_as_student(source):
+    assert prune(source, "student", "prune.method=index", "prune.keep_indices=[0,2]").returncode == 0
+    proc = invoke_ditk("distill", "digits-dit", *SMALL, "distill.method=kd", f"distill.teacher={source / 'src'}",
+                       f"distill.student={source / 'student'}", "distill.block_map=[0,2]", "train.max_steps=1",
+                       f"run.dir={source}", "run.name=student-kd", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from ditk.config import load_run_config
+
+    assert load_run_config(source / "student-kd").model.depth == 2

@@ -5,7 +5,6 @@ in matched pairs and refuse to lose their fixed blocks; Block Influence equals a
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ditk.errors import ConfigError
 from ditk.hooks import attach

@@ -4,7 +4,6 @@ the autograd derivative of the loss with respect to channel scales."""
 
 import json
 
-import pytest
 import torch
 
 from ditk.hooks import attach

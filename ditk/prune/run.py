@@ -16,7 +16,7 @@ from ..atomic import atomic_dir
 from ..build import build_model
 from ..config import load_run_config, to_yaml
 from ..errors import ConfigError
-from ..runs import RunDir, checkpoint_name, resolve_checkpoint, save_json
+from ..runs import RunDir, checkpoint_name, resolve_checkpoint
 from .layout import PRUNABLE, layout_for
 
 DEPTH_METHODS = ("score", "index", "random", "learnable")
@@ -35,6 +35,8 @@ def model_section(cfg: DictConfig) -> dict:
 
 def check_request(cfg: DictConfig, out: Path) -> None:
     """Everything that can be refused before any weight is read (bad input: one line, nothing written)."""
+    if "prune" not in cfg or not cfg.prune.source:
+        raise ConfigError("missing prune.source: set prune.source=runs/<name> (a run, one of its checkpoints, or a weights file)")
     p = cfg.prune
     if not p.source:
         raise ConfigError("missing prune.source: set prune.source=runs/<name> (a run, one of its checkpoints, or a weights file)")
