@@ -234,6 +234,8 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path):
     assert r.returncode == 2 and "--num-captions" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = invoke_ditk("sample", trained, "--images", tmp_path / "missing.png")
     assert r.returncode == 2 and "does not exist" in r.stderr
+    r = invoke_ditk("evaluate-fid", "--run", trained, "--num", 4)
+    assert r.returncode == 2 and "captioning run" in r.stderr and "Traceback" not in r.stderr
     r = invoke_ditk("train", "digits-caption", "conditioner.name=clip-image", f"conditioner.encoder_path={tmp_path / 'nope'}",
                     f"run.dir={tmp_path / 'runs'}", "model.feature_dim=512")
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
