@@ -153,6 +153,10 @@ def test_a_few_hundred_steps_name_the_right_digit(trained):
     groups = caption_images(pipe, images, list(range(30)), 1)
     acc = class_word_accuracy([g[0] for g in groups], labels, class_of)
     assert acc >= 0.5, groups
+    # the learned rounding head (the LM head tied to the table) maps every clean embedding back to its token
+    model = pipe.model
+    ids = model.word_embedding.row_ids[None]
+    assert torch.equal(model.round(model.embed(ids)), ids)
 
 
 def test_sampling_is_deterministic_per_seed_and_independent_of_the_batch(trained):
