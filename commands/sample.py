@@ -62,8 +62,9 @@ def command(source, overrides, preset, weights, device, out, no_progress, moe_st
 
     Writes images/NNNNNN.png, grid.png, samples.npz (uint8 NHWC arr_0, for FID tools) and report.json;
     audio models write audio/NNNNNN.wav and spectrograms/NNNNNN.png instead (e.g. ditk sample
-    runs/tones-fluxmusic --prompt "a fast rising melody" --duration 20). Prints the output folder on
-    stdout. Rerunning completes a partial output folder.
+    runs/tones-fluxmusic --prompt "a fast rising melody" --duration 20). Captioning runs write captions.jsonl,
+    contact_sheet.png and report.json (ditk sample runs/digits-caption --images a.png b.png --num-captions 3).
+    Prints the output folder on stdout. Rerunning completes a partial output folder.
     """
     from pathlib import Path
 

@@ -188,6 +188,9 @@ def generate_to_dir(pipe: Pipeline, out_dir: Path, progress: bool = True, compar
         from .audio.generate import generate_audio_to_dir
 
         return generate_audio_to_dir(pipe, out_dir, progress=progress, duration=duration)
+    if modality(pipe.cfg) == "caption":  # reached through evaluate-fid --run or the API, not `ditk sample`
+        raise ConfigError(f"{pipe.source} is a captioning run, it makes captions, not images: use `ditk sample RUN` "
+                          "(captions.jsonl and report.json's captioning metrics)")
     if duration is not None:
         raise ConfigError("--duration is for audio models; this run makes images: drop --duration")
     from .cache import pipeline as cache_layer

@@ -153,6 +153,10 @@ def test_a_few_hundred_steps_name_the_right_digit(trained):
     groups = caption_images(pipe, images, list(range(30)), 1)
     acc = class_word_accuracy([g[0] for g in groups], labels, class_of)
     assert acc >= 0.5, groups
+    # the learned rounding head (the LM head tied to the table) maps every clean embedding back to its token
+    model = pipe.model
+    ids = model.word_embedding.row_ids[None]
+    assert torch.equal(model.round(model.embed(ids)), ids)
 
 
 def test_sampling_is_deterministic_per_seed_and_independent_of_the_batch(trained):
@@ -234,6 +238,8 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path):
     assert r.returncode == 2 and "--num-captions" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = invoke_ditk("sample", trained, "--images", tmp_path / "missing.png")
     assert r.returncode == 2 and "does not exist" in r.stderr
+    r = invoke_ditk("evaluate-fid", "--run", trained, "--num", 4)
+    assert r.returncode == 2 and "captioning run" in r.stderr and "Traceback" not in r.stderr
     r = invoke_ditk("train", "digits-caption", "conditioner.name=clip-image", f"conditioner.encoder_path={tmp_path / 'nope'}",
                     f"run.dir={tmp_path / 'runs'}", "model.feature_dim=512")
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]

@@ -12,6 +12,7 @@ split, whose reference captions give BLEU-4 and class-word accuracy in report.js
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,8 @@ def ids_to_text(tokenizer, ids: torch.Tensor) -> list[str]:
     for row in ids.tolist():
         if tokenizer.sep_token_id in row[1:]:
             row = row[: row[1:].index(tokenizer.sep_token_id) + 1]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        text = tokenizer.decode(row, skip_special_tokens=True).strip()
+        texts.append(re.sub(r" ([:;,.!?])", r"\1", text))  # WordPiece decoding leaves "six : small"
     return texts
 
 

@@ -65,6 +65,9 @@ def dataset_images(run_dir: str, role: str = "ref") -> Images:
         raise DitkError(f"run {run_dir} was trained on precomputed latents, not images: pass a reference "
                         f"(a folder, an .npz batch or statistics) after --run")
     dataset = build_dataset(cfg)
+    if getattr(dataset, "modality", "image") == "caption":
+        raise DitkError(f"run {run_dir} is a captioning run (it makes captions, not images): score it with "
+                        "`ditk sample RUN` (report.json's captioning section)")
     channels, height, width = (int(s) for s in dataset.shape)
     if channels not in (1, 3):
         raise DitkError(f"run {run_dir}'s data set yields {channels}-channel items, not images: pass a reference")
