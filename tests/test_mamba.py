@@ -236,6 +236,18 @@ def test_out_hook_sees_the_gated_scan_output():
     torch.testing.assert_close(m.out_proj(seen[0]), out)
 
 
+def test_kernel_path_plumbing_equals_the_batched_path():
+    """The per-direction path that feeds mamba_ssm's kernel (layouts (N, d, L), flips, D and z inside the call),
+    run here with the PyTorch scan behind `selective_scan`, equals the batched PyTorch forward."""
+    torch.manual_seed(0)
+    m = Mamba(16, d_state=4, bidirectional=True, divide_out=True, scan_backend="torch")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        x = torch.randn(2, 19, 16)
+        torch.testing.assert_close(m._forward_kernel(x), m(x), rtol=1e-5, atol=1e-6)
+
+
 def test_kernel_backend_is_optional():
     inp = {k: v.float() for k, v in scan_inputs(length=5).items()}
     if not kernels_available():

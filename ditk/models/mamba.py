@@ -4,12 +4,14 @@ The selective scan (Gu & Dao 2023, Alg. 2) runs, per channel d and state n,
 
     h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,      y_t = C_t . h_t + D u_t,      out_t = y_t * silu(z_t)
 
-with dt_t = softplus(dt_t + dt_bias). It is a first-order linear recurrence h_t = a_t h_{t-1} + b_t, which
-`linear_scan` solves chunk-parallel: all chunks of ~sqrt(L) tokens are scanned at once, the chunk boundary
-states are carried, and the chunks are finished at once, so O(sqrt(L)) vectorised steps instead of L (and,
-unlike a Hillis-Steele scan, O(L) work, which is what counts on a CPU). Its backward pass is the same
-recurrence run from the end, so `linear_scan` and the selective scan are custom autograd functions that keep
-only the decays and the states for backward (about the memory of the sequential loop).
+with dt_t = softplus(dt_t + dt_bias). `chunked_scan` solves it chunk by chunk: inside a chunk of L tokens all
+states at once in the factorised form h_t = P_t (h_in + sum_{s<=t} dt_s u_s B_s / P_s), P_t = exp(A S_t) and S_t
+the in-chunk cumulative sum of dt (Mamba-2's chunked SSD adapted to Mamba-1's per-channel diagonal A: one exp,
+a prefix-sum matmul and elementwise products on cache-sized tiles), the last state carried into the next chunk;
+no Python loop over tokens. Chunks are shortened where fast decays would overflow the factorised form, so the
+result is exact for any input. Its backward is written out: forward keeps only the state entering each chunk,
+backward recomputes each chunk and runs the adjoint recurrence the same way from the end. Both directions of
+the bidirectional mixer, and all samples, are scanned as one batch.
 
 On CUDA, when the optional `mamba_ssm` package is installed, `selective_scan` calls its fused kernel
 instead (`scan_backend="auto"`); it is never required. `Mamba` is the mixer layer: its parameter names and
