@@ -61,6 +61,17 @@ def packed_mib(m: dict) -> float:
     return total / 2**20
 
 
+def distance_to_fp32(samples: Path, fp32: Path) -> dict:
+    """Same seeds, same classes: how far each image is from the full-precision one (uint8 pixels)."""
+    import numpy as np
+
+    a = np.load(samples / "samples.npz")["arr_0"].astype(np.float64)
+    b = np.load(fp32 / "samples.npz")["arr_0"].astype(np.float64)
+    mse = float(((a - b) ** 2).mean())
+    return {"psnr_vs_fp32": round(float(10 * np.log10(255**2 / mse)), 2) if mse else None,
+            "rel_l2_vs_fp32": round(float(np.linalg.norm(a - b) / np.linalg.norm(b)), 4)}
+
+
 def ditk(*args, env):
     proc = subprocess.run([sys.executable, "-m", "ditk", *map(str, args)], capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -189,15 +200,17 @@ def main() -> None:
         report = json.loads((samples / "report.json").read_text())
         row.update(fid=round(fid["fid"], 3), kid=round(fid["kid_mean"], 4), s_per_image=report["seconds_per_image"],
                    peak_rss_mb=report["peak_rss_mb"])
+        if qargs is not None and (work / "samples" / "fp32" / "samples.npz").is_file():
+            row.update(distance_to_fp32(samples, work / "samples" / "fp32"))
         results.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| row | kind | FID | weights in memory (MiB) | file (MiB) | packed at the bit width (MiB, computed) | s / image | "
-          "peak RSS (MB) | calibration + method (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| row | kind | FID | PSNR vs fp32 samples (dB) | weights in memory (MiB) | file (MiB) | "
+          "packed at the bit width (MiB, computed) | s / image | peak RSS (MB) | calibration + method (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         calib = "" if r.get("calibration_s") is None else f"{r['calibration_s']:.1f}{' (cached)' if r['calibration_reused'] else ''} + "
         cost = "" if "method_s" not in r else f"{calib}{r['method_s']:.1f}"
-        print(f"| {r['row']} | {r.get('kind', 'fp32')} | {r['fid']:.2f} | {r.get('weights_mib', r.get('fp32_weights_mib', ''))} | "
+        print(f"| {r['row']} | {r.get('kind', 'fp32')} | {r['fid']:.2f} | {r.get('psnr_vs_fp32', '')} | {r.get('weights_mib', r.get('fp32_weights_mib', ''))} | "
               f"{r.get('file_mib', '')} | {r.get('packed_mib', '')} | {r['s_per_image']} | {r['peak_rss_mb']} | {cost} |")
 
 
