@@ -48,7 +48,7 @@ def show(name, overrides):
     """Print preset NAME fully resolved (base chain, defaults, overrides) as YAML, with model size."""
     from ditk.config import resolve, to_yaml
 
-    cfg = resolve(name, overrides, allow_missing=("data", "autoencoder"))
+    cfg = resolve(name, overrides, allow_missing=("data", "autoencoder", "distill"))
     click.echo(to_yaml(cfg), nl=False)
     import torch
 

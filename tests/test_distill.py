@@ -166,3 +166,8 @@ def test_distill_presets_build_and_validate(preset, method, params):
         with torch.device("meta"):
             model = build_model(cfg)
         assert abs(sum(p.numel() for p in model.parameters()) - params) < 0.1e6
+
+
+def test_presets_show_prints_a_distill_preset_with_its_required_teacher_marked():
+    proc = invoke_ditk("presets", "show", "dit-xl-2-lcm", check=True)
+    assert "method: consistency" in proc.stdout and "teacher: ???" in proc.stdout
