@@ -27,7 +27,7 @@ SIMULATED = ["rtn", "qdit", "svdquant", "ptq4dit", "viditq"]
 @click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE", help="A method option, e.g. --opt rank=32 (repeatable; see README).")
 @click.option("--calib-num", type=click.IntRange(0), default=32, show_default=True, help="Simulations: images sampled for the calibration set.")
 @click.option("--calib-timesteps", type=click.IntRange(0), default=8, show_default=True, help="Simulations: trajectory points kept per image.")
-@click.option("--calib-seed", type=int, default=1, show_default=True, help="Simulations: seed of the calibration images.")
+@click.option("--calib-seed", type=click.IntRange(0), default=1, show_default=True, help="Simulations: seed of the calibration images.")
 @click.option("--preset", shell_complete=complete_presets, help="Architecture of a bare weights file (.pt, .safetensors, diffusers folder).")
 @click.option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True, help="Which weights of a run to quantize.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")

@@ -24,7 +24,7 @@ def _pairs(values, flag):
 @click.option("--task", required=True, help="Degradation: sr2|sr4|sr8 (average pooling), sr4-bicubic, blur, motion-blur, "
               "inpaint-box, inpaint-random, inpaint-mask, colorize, denoise, cs.")
 @click.option("--method", help="ddnm, dps, pigdm (DDPM priors), pnp-flow (flow priors); default ddnm / pnp-flow.")
-@click.option("--sigma-y", type=float, default=0.0, show_default=True,
+@click.option("--sigma-y", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Measurement noise std on the [-1, 1] scale (DPS uses 0.05); with --degrade it is also added to y.")
 @click.option("--degrade", is_flag=True, help="INPUTS are clean images: synthesise y = A x + noise first (benchmarking; "
               "PSNR/SSIM against them in report.json).")
@@ -62,8 +62,6 @@ def command(source, inputs, task, method, sigma_y, degrade, resize, steps, seed,
 
     from ditk.errors import ConfigError
 
-    if sigma_y < 0:
-        raise ConfigError(f"--sigma-y must be >= 0, got {sigma_y}: it is a noise standard deviation")
     # One variadic argument holds the inputs and the KEY=VALUE overrides (click allows one): an item with '='
     # that is not an existing path is an override.
     overrides = [a for a in inputs if "=" in a and not Path(a).exists()]

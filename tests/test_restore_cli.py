@@ -65,7 +65,7 @@ def test_restore_with_a_flow_prior_and_degraded_inputs(flow_run, clean_digits, t
     (["--task", "sr-4"], "unknown task 'sr-4': did you mean"),
     (["--task", "sr2", "--method", "pnp-flow"], "method pnp-flow needs a rectified-flow prior"),
     (["--task", "sr2", "--method", "ddmn"], "did you mean 'ddnm'"),
-    (["--task", "sr2", "--sigma-y", "-0.1"], "--sigma-y must be >= 0"),
+    (["--task", "sr2", "--sigma-y", "-0.1"], "'--sigma-y': -0.1 is not in the range x>=0"),
     (["--task", "sr2", "--method-opt", "zeta=1"], "method ddnm has no option 'zeta'"),
     (["--task", "blur", "--task-opt", "sigma=0"], "sigma must be > 0"),
     (["--task", "colorize"], "colorize needs RGB images"),
