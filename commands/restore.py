@@ -71,11 +71,12 @@ def command(source, inputs, task, method, sigma_y, degrade, resize, steps, seed,
     task_options, method_options = _pairs(task_opts, "--task-opt"), _pairs(method_opts, "--method-opt")
 
     from ditk.restore.operators import TASKS, build_operator  # noqa: F401
-    from ditk.restore.pipeline import get_method, list_inputs, run
+    from ditk.io import list_input_files
+    from ditk.restore.pipeline import get_method, run
 
     if task not in TASKS:
         build_operator(task, (3, 8, 8))  # raises the "did you mean" error
-    files = list_inputs(inputs)
+    files = list_input_files(inputs)
 
     from ditk.generate import load_pipeline
     from ditk.runs import resolve_checkpoint

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -131,3 +131,29 @@ def load_npz(path: Union[str, os.PathLike]) -> np.ndarray:
     if arr.dtype != np.uint8 or arr.ndim != 4:
         raise ConfigError(f"'{path}' arr_0 is {arr.dtype} {arr.shape}, expected uint8 (N, H, W, C)")
     return arr
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def list_input_files(items: Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """Command-line inputs -> files: a folder gives its files with one of `suffixes`, sorted; a file must exist
+    and have one of them. Anything else is a one-line ConfigError naming the item."""
+    names = "/".join(suffixes)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in suffixes)
+            if not found:
+                raise ConfigError(f"folder '{item}' holds no {names} files: pass image files or another folder")
+            files += found
+        elif p.is_file():
+            if p.suffix.lower() not in suffixes:
+                raise ConfigError(f"'{item}' is not one of {names}: pass such files or a folder of them")
+            files.append(p)
+        else:
+            raise ConfigError(f"input '{item}' does not exist: pass image files or folders of images")
+    if not files:
+        raise ConfigError("no inputs given: pass image files or folders of images")
+    return files

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import ConfigError
+from ..io import list_input_files
 from ..runs import save_json
 from .metrics import caption_report
 
@@ -164,24 +165,12 @@ def write_training_captions(pipe, path: Path, num: int = 16) -> None:
     contact_sheet(images, groups, path)
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
 def image_paths(images: Sequence[str], overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     """`--images a.png b.png dir/`: click gives the first path to --images and the others to the positional
     KEY=VALUE arguments; take back the positional ones without '=' as paths. Folders give their images, sorted."""
     paths = list(images) + [o for o in overrides if "=" not in o]
     rest = [o for o in overrides if "=" in o]
-    out = []
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            found = sorted(str(f) for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise ConfigError(f"folder '{p}' holds no images ({', '.join(IMAGE_SUFFIXES)}): pass image files")
-            out.extend(found)
-        else:
-            out.append(str(path))
+    out = [str(p) for p in list_input_files(paths)] if paths else []
     return out, rest
 
 

@@ -19,7 +19,6 @@ import torch
 from ..atomic import atomic_path
 from ..errors import ConfigError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def model_fingerprint(model) -> str:
@@ -78,24 +77,6 @@ def check_artefact(path: Path, meta: dict, identity: dict, method: Optional[str]
                           f"{meta.get('method')} or invert again")
     if steps is not None and int(meta.get("steps", -1)) != int(steps):
         raise ConfigError(f"{path.name} was inverted with {meta.get('steps')} steps: pass --steps {meta.get('steps')}")
-
-
-def expand_inputs(items: Sequence[str], suffixes=IMAGE_SUFFIXES) -> list[Path]:
-    paths = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in suffixes)
-            if not found:
-                raise ConfigError(f"folder '{item}' has no {'/'.join(suffixes)} files")
-            paths += found
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise ConfigError(f"input '{item}' does not exist: pass image files or a folder of images")
-    if not paths:
-        raise ConfigError("no input images given")
-    return paths
 
 
 def load_images(paths: Sequence[Path], channels: int, size: int, resize: bool) -> torch.Tensor:

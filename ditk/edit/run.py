@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_dir, write_text
+from ..io import IMAGE_SUFFIXES, list_input_files
 from ..errors import ConfigError
-from .artefact import (check_artefact, expand_inputs, load_artefact, load_images, pipeline_identity, psnr,
+from .artefact import (check_artefact, load_artefact, load_images, pipeline_identity, psnr,
                        save_artefact, ssim)
 from .features import FeatureCapture, FeatureStore
 from .inversion import Inverted, check_method, invert, reconstruct
@@ -78,7 +79,7 @@ def run_invert(pipe, inputs: Sequence[str], method: str, steps: int, options: di
                resize: bool, batch_size: int, seed: int, progress: bool) -> dict:
     check_method(method, pipe.objective, options)
     check_out_dir(out_dir, "invert")
-    paths = expand_inputs(inputs)
+    paths = list_input_files(inputs)
     channels, size = image_geometry(pipe)
     images = load_images(paths, channels, size, resize)  # all errors before any work
     cond_all, cond_text = conditions(pipe, len(paths), labels, prompt, "source")
@@ -154,7 +155,7 @@ def _lineage(folder: Path, pipe, inputs) -> None:
 
 def read_inputs(pipe, inputs: Sequence[str], resize: bool, seed: int) -> tuple[list[Path], torch.Tensor, list]:
     """Images or inversion artefacts -> (paths, x0 latents (N, C, H, W), per-input artefact (tensors, meta) or None)."""
-    paths = expand_inputs(inputs, suffixes=(".png", ".jpg", ".jpeg", ".bmp", ".webp", ".safetensors"))
+    paths = list_input_files(inputs, suffixes=(*IMAGE_SUFFIXES, ".safetensors"))
     identity = pipeline_identity(pipe)
     channels, size = image_geometry(pipe)
     xs, arts = [], []

@@ -26,7 +26,7 @@ left out by editors that do not read it), and the loop appends the unconditional
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 

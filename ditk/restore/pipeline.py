@@ -21,7 +21,6 @@ from ..errors import ConfigError
 from .base import METHODS
 from .operators import Operator, build_operator
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def load_methods() -> dict:
@@ -58,24 +57,6 @@ def is_latent(pipe) -> bool:
 
 # ------------------------------------------------------------------------------------------------------------
 # Inputs
-
-
-def list_inputs(inputs: Sequence[str]) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise ConfigError(f"folder '{item}' holds no images ({', '.join(IMAGE_SUFFIXES)}): pass image files")
-            files += found
-        elif p.is_file():
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
-                raise ConfigError(f"'{item}' is not an image file ({', '.join(IMAGE_SUFFIXES)}): pass PNG/JPEG images")
-            files.append(p)
-        else:
-            raise ConfigError(f"input '{item}' does not exist: pass image files or folders of images")
-    return files
 
 
 def read_images(files: Sequence[Path], channels: int, size: tuple[int, int], resize: bool, what: str) -> torch.Tensor:
