@@ -19,6 +19,16 @@ def preset_argument(name: str = "preset"):
 overrides_argument = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 
 
+def run_dir_options(fn):
+    """--run-dir, --resume/--no-resume and --no-progress of the commands that train into a run (train, distill)."""
+    fn = click.option("--no-progress", is_flag=True, help="No progress bar on stderr (logs still go there).")(fn)
+    fn = click.option("--resume/--no-resume", default=None,
+                      help="Default: resume automatically when the run directory exists. --no-resume refuses to "
+                           "touch an existing run.")(fn)
+    return click.option("--run-dir", type=click.Path(file_okay=False),
+                        help="Run directory (default: <run.dir>/<run.name>).")(fn)
+
+
 def parse_options(opts) -> dict:
     """--opt KEY=VALUE pairs -> {key: number or string}."""
     from ditk.errors import ConfigError

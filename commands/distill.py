@@ -5,16 +5,13 @@ from pathlib import Path
 
 import click
 
-from ._common import overrides_argument, preset_argument
+from ._common import overrides_argument, preset_argument, run_dir_options
 
 
 @click.command("distill")
 @preset_argument()
 @overrides_argument
-@click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default: <run.dir>/<run.name>).")
-@click.option("--resume/--no-resume", default=None,
-              help="Default: resume automatically when the run directory exists. --no-resume refuses to touch an existing run.")
-@click.option("--no-progress", is_flag=True, help="No progress bar on stderr (logs still go there).")
+@run_dir_options
 def command(preset, overrides, run_dir, resume, no_progress):
     """Distill the teacher run `distill.teacher` into a student with the method `distill.method`.
 
@@ -28,11 +25,10 @@ def command(preset, overrides, run_dir, resume, no_progress):
     lineage.json names the teacher. Prints the run directory on stdout. Exit 75 when pre-empted.
     """
     from ditk.distill.prepare import prepare
-    from ditk.train import prepare_run_dir, train
+    from ditk.train import train_in_run_dir
 
     cfg, teacher = prepare(preset, overrides)
     path = Path(run_dir) if run_dir else Path(cfg.run.dir) / cfg.run.name
-    cfg = prepare_run_dir(cfg, path, resume, parent=teacher)
-    code = train(cfg, path, progress=not no_progress)
+    code = train_in_run_dir(cfg, path, resume, progress=not no_progress, parent=teacher)
     click.echo(str(path))
     sys.exit(code)

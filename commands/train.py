@@ -5,16 +5,13 @@ from pathlib import Path
 
 import click
 
-from ._common import overrides_argument, preset_argument
+from ._common import overrides_argument, preset_argument, run_dir_options
 
 
 @click.command("train")
 @preset_argument()
 @overrides_argument
-@click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default: <run.dir>/<run.name>).")
-@click.option("--resume/--no-resume", default=None,
-              help="Default: resume automatically when the run directory exists. --no-resume refuses to touch an existing run.")
-@click.option("--no-progress", is_flag=True, help="No progress bar on stderr (logs still go there).")
+@run_dir_options
 def command(preset, overrides, run_dir, resume, no_progress):
     """Train PRESET (a name from `ditk presets list` or a YAML path) with KEY=VALUE overrides.
 
@@ -32,32 +29,8 @@ def command(preset, overrides, run_dir, resume, no_progress):
 
     cfg = resolve(preset, overrides)  # a bad preset, key or value is reported before the training runtime loads
     path = Path(run_dir) if run_dir else Path(cfg.run.dir) / cfg.run.name
-    from ditk.runs import RunDir, is_main_rank
-    from ditk.train import prepare_run_dir, train
+    from ditk.train import train_in_run_dir
 
-    run = RunDir(path)
-    created = not path.exists()
-    top = path  # the outermost folder this command creates (runs/ on a first run)
-    while not top.parent.exists() and top.parent != top.parent.parent:
-        top = top.parent
-    with run.lock():
-        try:
-            cfg = prepare_run_dir(cfg, path, resume)
-            code = train(cfg, path, progress=not no_progress)
-        except BaseException:
-            # A run that fails before its first step (a bad data.path, ...) leaves nothing behind to block the
-            # corrected command (and one with steps but no checkpoint is started afresh by prepare_run_dir).
-            if created and is_main_rank() and not run.list_checkpoints() and not run.metrics.is_file():
-                import shutil
-
-                shutil.rmtree(path, ignore_errors=True)
-                for folder in path.parents:  # and the parents it made, if still empty
-                    if folder == top.parent:
-                        break
-                    try:
-                        folder.rmdir()
-                    except OSError:
-                        break
-            raise
+    code = train_in_run_dir(cfg, path, resume, progress=not no_progress)
     click.echo(str(path))
     sys.exit(code)

@@ -337,6 +337,37 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
     return EXIT_OK
 
 
+def train_in_run_dir(cfg: DictConfig, path: Path, resume: bool | None, progress: bool = True,
+                     parent: str | None = None) -> int:
+    """What `ditk train` and `ditk distill` do: own the run directory (one process group at a time), create or
+    check it, train. A run that fails before its first step (a bad data.path, ...) leaves nothing behind to block
+    the corrected command (one with steps but no checkpoint is started afresh by prepare_run_dir)."""
+    import shutil
+
+    from .runs import is_main_rank
+
+    run = RunDir(path)
+    created = not path.exists()
+    top = path  # the outermost folder this command creates (runs/ on a first run)
+    while not top.parent.exists() and top.parent != top.parent.parent:
+        top = top.parent
+    with run.lock():
+        try:
+            cfg = prepare_run_dir(cfg, path, resume, parent=parent)
+            return train(cfg, path, progress=progress)
+        except BaseException:
+            if created and is_main_rank() and not run.list_checkpoints() and not run.metrics.is_file():
+                shutil.rmtree(path, ignore_errors=True)
+                for folder in path.parents:  # and the parents it made, if still empty
+                    if folder == top.parent:
+                        break
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
+            raise
+
+
 # Keys that may change when a run is resumed (they do not change what is computed at a given step; run.dir and
 # run.name change when a run directory is moved or copied).
 RESUMABLE_KEYS = {"run.dir", "run.name", "train.max_steps", "train.log_every", "train.ckpt_every", "train.sample_every",

@@ -192,8 +192,8 @@ def prune(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
     log(f"wrote {out}: {report['params_before']:,} -> {report['params_after']:,} parameters, "
         f"{report['gflops_before']:.4f} -> {report['gflops_after']:.4f} GFLOPs per image")
     if p.recover_steps > 0:
-        from ..train import train
+        from ..train import train_in_run_dir
 
-        code = train(new_cfg, out, progress=progress)
+        code = train_in_run_dir(new_cfg, out, resume=None, progress=progress)
         report["recovery_exit_code"] = code
     return report
