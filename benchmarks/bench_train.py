@@ -5,7 +5,8 @@
 
 Each variant is ditk's training step (the loop's: objective loss, backward, clipping, AdamW, EMA) under the
 preset plus its overrides, e.g. `--variant eager:train.compile=none --variant regional:train.compile=regional`
-(default: one variant `ditk` with the preset's settings). `--official PATH` adds the official
+(default: one variant `ditk` with the preset's settings). Thread counts are compared in separate processes
+(`OMP_NUM_THREADS=N`): switching torch's threads at every alternating step costs more than the step itself. `--official PATH` adds the official
 facebookresearch/DiT step (PATH is a local checkout, imported from there, never copied here): its DiT,
 `create_diffusion("")`, AdamW(lr=1e-4, wd=0) and its EMA loop, with the same weights, batch and shapes.
 Variants run ALTERNATING, one step each per round, so that a busy machine slows them alike; the table gives
@@ -29,6 +30,8 @@ import torch
 from ditk.build import build_conditioner, build_model, build_objective, latent_shape
 from ditk.config import resolve
 from ditk.speed import apply_model_levers, build_optimizer, update_ema
+
+DEFAULT_THREADS = torch.get_num_threads()  # torch's default here (OMP_NUM_THREADS, else one per core)
 
 
 def _sync(device):
@@ -63,6 +66,10 @@ def ditk_variant(preset, overrides, args, device):
     gen = torch.Generator().manual_seed(0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+    if int(cfg.runtime.threads):
+        raise SystemExit("runtime.threads: measure thread counts in separate processes (OMP_NUM_THREADS=N python "
+                         "benchmarks/bench_train.py ...): switching torch's threads between alternating steps costs "
+                         "far more than the step")
     model.train()
 
     def step():
@@ -189,7 +196,7 @@ def main(argv=None):
                      "data_wait_ms": statistics.median(waits[name]) * 1e3, "ratio": ms / (ref * 1e3),
                      "peak_mem_mb": peak[name] / 2 ** 20 if name in peak else None})
     print(f"{args.preset}  batch {args.batch}  {device.type}  {args.precision}  {args.steps} alternating steps  "
-          f"threads {torch.get_num_threads()}  overrides: {' '.join(args.overrides) or '-'}")
+          f"default threads {DEFAULT_THREADS}  overrides: {' '.join(args.overrides) or '-'}")
     print(f"{'variant':<16}{'params':>12}{'step ms':>10}{'img/s':>9}{'wait ms':>9}{'peak MB':>9}{'x first':>9}")
     for r in rows:
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else f"{rss_mb:.0f}*"
@@ -201,7 +208,7 @@ def main(argv=None):
         for r in rows[:-1]:
             print(f"{r['variant']} / official step time: {r['step_ms'] / rows[-1]['step_ms']:.3f}")
     result = {"preset": args.preset, "batch": args.batch, "device": device.type, "precision": args.precision,
-              "steps": args.steps, "threads": torch.get_num_threads(), "overrides": args.overrides,
+              "steps": args.steps, "default_threads": DEFAULT_THREADS, "overrides": args.overrides,
               "process_max_rss_mb": rss_mb, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:

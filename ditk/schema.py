@@ -48,6 +48,11 @@ class TrainConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    threads: int = 0  # torch's intra-op CPU threads (torch.set_num_threads); 0 = torch's default (OMP_NUM_THREADS)
+
+
+@dataclass
 class SampleConfig:
     solver: str = "ddpm"
     steps: int = 250
@@ -97,7 +102,7 @@ class PruneConfig:
 
 
 FIXED_SECTIONS = {"run": RunConfig, "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig,
-                  "prune": PruneConfig}
+                  "prune": PruneConfig, "runtime": RuntimeConfig}
 # section -> registry attribute name in ditk.registry
 REGISTRY_SECTIONS = {
     "model": "MODELS",

@@ -71,6 +71,16 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
+def set_threads(cfg) -> None:
+    """`runtime.threads`: torch's intra-op thread count; 0 leaves torch's default (OMP_NUM_THREADS, else one per
+    core). On a CPU shared with other jobs fewer threads than cores is often faster (see README Performance)."""
+    threads = int(cfg.get("runtime", {}).get("threads", 0))
+    if threads < 0:
+        raise ConfigError(f"runtime.threads={threads} must be >= 0 (0 = torch's default): fix it")
+    if threads:
+        torch.set_num_threads(threads)
+
+
 # -- levers on the model ----------------------------------------------------------------------------------------
 
 

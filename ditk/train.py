@@ -24,7 +24,7 @@ from .build import (build_autoencoder, build_conditioner, build_dataset, build_m
 from .config import section_obj, to_yaml
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, ConfigError, RunFailed
 from .runs import RunDir, is_main_rank, load_state, load_weights, save_checkpoint, save_json
-from .speed import (apply_model_levers, build_optimizer, optimizer_flags, restore_optimizer_flags,
+from .speed import (apply_model_levers, build_optimizer, optimizer_flags, restore_optimizer_flags, set_threads,
                     update_ema)  # noqa: F401  (update_ema: re-exported, tests and distill import it from here)
 from .atomic import write_text
 
@@ -120,6 +120,7 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
     from .data.sampler import ResumableBatchSampler
 
     tc = cfg.train
+    set_threads(cfg)
     # cpu=True without a GPU: accelerate then sets up multi-process CPU training (gloo) under torchrun.
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps,
                               cpu=not torch.cuda.is_available())
@@ -341,7 +342,7 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
 RESUMABLE_KEYS = {"run.dir", "run.name", "train.max_steps", "train.log_every", "train.ckpt_every", "train.sample_every",
                   "train.keep_last", "train.num_workers", "train.skip_nonfinite", "sample",
                   # speed levers: the same step, other kernels (ditk.speed)
-                  "train.compile", "train.activation_checkpointing", "optim.impl"}
+                  "train.compile", "train.activation_checkpointing", "optim.impl", "runtime"}
 
 
 def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None, parent: str | None = None) -> DictConfig:

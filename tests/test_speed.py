@@ -114,3 +114,19 @@ def test_metrics_report_the_time_spent_waiting_for_data(tmp_path):
     assert len(records) == 3
     for r in records:  # one step per window: the wait is positive and below the window's whole time
         assert 0.0 < r["data_wait_s"] < cfg.train.global_batch_size / r["images_per_sec"]
+
+
+def test_runtime_threads_sets_torch_threads_only_when_given():
+    from ditk.speed import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        set_threads(resolve("digits-dit"))  # runtime.threads=0: torch's default stays
+        assert torch.get_num_threads() == 2
+        set_threads(resolve("digits-dit", ["runtime.threads=1"]))
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ConfigError, match="runtime.threads"):
+            set_threads(resolve("digits-dit", ["runtime.threads=-1"]))
+    finally:
+        torch.set_num_threads(before)
