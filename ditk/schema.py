@@ -22,7 +22,7 @@ class OptimConfig:
     eps: float = 1e-8
     schedule: str = "constant"  # any diffusers.optimization schedule: constant, cosine, linear, ...
     warmup_steps: int = 0
-    impl: str = "auto"  # AdamW kernels: auto (fused on CUDA, foreach elsewhere) | foreach | fused | loop (ditk.speed)
+    impl: str = "auto"  # AdamW kernels: auto (fused where torch has it) | fused | foreach | loop (ditk.speed)
 
 
 @dataclass
