@@ -8,6 +8,7 @@ checkpoints, the EMA copy and `ditk sample` never see them.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -20,14 +21,19 @@ COMPILE_MODES = ("none", "full", "regional")
 
 
 def _fused_supported(device: torch.device) -> bool:
+    return _fused_supported_on(device.type)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_supported_on(device_type: str) -> bool:
     # torch's fused AdamW runs on CUDA (and on CPU/MPS in recent releases); it says so by accepting `fused=True`.
     if "fused" not in inspect.signature(torch.optim.AdamW).parameters:
         return False
-    if device.type == "cuda":
+    if device_type == "cuda":
         return True
     try:
-        p = torch.nn.Parameter(torch.zeros(1, device=device))
-        p.grad = torch.zeros(1, device=device)
+        p = torch.nn.Parameter(torch.zeros(1, device=device_type))
+        p.grad = torch.zeros(1, device=device_type)
         torch.optim.AdamW([p], fused=True).step()
         return True
     except (RuntimeError, ValueError):
