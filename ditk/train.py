@@ -194,6 +194,8 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
     if accelerator.is_main_process:  # drop records logged after the checkpoint (or all, if there is none)
         run.truncate_metrics(start_step)
     ema.to(device)
+    for lever in apply_model_levers(model, tc):  # after the EMA copy: the levers are the trained model's only
+        log(lever)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
