@@ -42,7 +42,7 @@ class TrainConfig:
     precompute_latents: bool = False  # encode the dataset once with the autoencoder (fast-DiT)
     allow_tf32: bool = True
     init_from: str = ""  # start a fresh run from these weights: a ditk run/checkpoint (EMA), .pt, .safetensors, diffusers folder
-    compile: str = "none"  # torch.compile the model for training: none | full | regional (each block; starts faster)
+    compile: str = "none"  # torch.compile the model for training: none | full (= true) | regional (each block; starts faster)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: memory for batch size
     skip_nonfinite: int = 0  # skip up to N steps whose loss or gradient norm is NaN/inf (0: stop at the first, exit 1)
 

@@ -132,6 +132,7 @@ def apply_model_levers(model: torch.nn.Module, train_cfg) -> list:
             _checkpointed(block)
         applied.append("activation checkpointing per block")
     mode = str(train_cfg.get("compile", "none"))
+    mode = {"True": "full", "False": "none"}.get(mode, mode)  # train.compile=true/false, as sample.compile
     if mode not in COMPILE_MODES:
         raise ConfigError(f"train.compile={mode!r} is not one of {', '.join(COMPILE_MODES)}: pick one of them")
     if mode == "full":

@@ -77,6 +77,8 @@ def test_bad_lever_values_are_one_line_errors():
     cfg, model = _tiny_dit(["train.compile=everything"])
     with pytest.raises(ConfigError, match="train.compile"):
         apply_model_levers(model, cfg.train)
+    cfg, model = _tiny_dit(["train.compile=false"])  # a boolean reads as none (true: full)
+    assert apply_model_levers(model, cfg.train) == []
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
