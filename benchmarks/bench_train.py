@@ -10,7 +10,8 @@ preset plus its overrides, e.g. `--variant eager:train.compile=none --variant re
 facebookresearch/DiT step (PATH is a local checkout, imported from there, never copied here): its DiT,
 `create_diffusion("")`, AdamW(lr=1e-4, wd=0) and its EMA loop, with the same weights, batch and shapes.
 Variants run ALTERNATING, one step each per round, so that a busy machine slows them alike; the table gives
-median step time, images/s, the time blocked on the data loader, peak memory (CUDA: allocated; CPU: the
+median step time, images/s, model FLOPs per step (FlopCounterMode) and MFU against a large matmul timed
+on the same device and precision, the time blocked on the data loader, peak memory (CUDA: allocated; CPU: the
 process's max RSS) and each variant's time relative to the first. The data are random latents served by a
 DataLoader (`--workers`): the same for every variant; the VAE is not part of the step.
 """
@@ -135,6 +136,42 @@ def official_variant(path, cfg, args, device):
     return step, sum(p.numel() for p in model.parameters())
 
 
+def step_flops(cfg, args, device) -> int:
+    """Model FLOPs of one training step (forward + backward, counted by torch's FlopCounterMode on an eager
+    copy; activation checkpointing's recomputation is not counted, as MFU conventionally does not). On CPU this
+    torch does not count the fused attention kernel: DiT-S/2's forward counts 10.9 GFLOP per image against the
+    paper's 6.06 GMAC = 12.1 GFLOP, the difference being QK^T and AV; MFU on CPU is therefore a slight floor."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(cfg).to(device)
+    objective = build_objective(cfg)
+    conditioner = build_conditioner(cfg, int(getattr(model, "num_classes", 0) or 0), model=model)
+    shape = latent_shape(model)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn((args.batch, *shape), generator=gen).to(device)
+    labels = torch.zeros(args.batch, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter:
+        t = objective.sample_time(args.batch, gen).to(device)
+        noise = torch.randn((args.batch, *shape), generator=gen).to(device)
+        objective.training_losses(model, x0, t, noise, conditioner.cond(labels))["loss"].mean().backward()
+    return counter.get_total_flops()
+
+
+def matmul_ceiling(device, precision) -> float:
+    """FLOP/s of a large square matmul on this device in this precision: the MFU denominator."""
+    n = 4096 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(6):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times[1:])
+
+
 def measure(variants, args, device):
     """Alternate the variants one step at a time; per variant: step seconds and data-wait seconds."""
     for _, step, _ in variants:
@@ -186,6 +223,8 @@ def main(argv=None):
         step, params = official_variant(args.official, cfg, args, device)
         variants.append(("official", step, params))
 
+    flops = step_flops(cfg, args, device)
+    ceiling = matmul_ceiling(device, args.precision)
     times, waits, peak = measure(variants, args, device)
     ref = statistics.median(times[variants[0][0]])
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -194,14 +233,17 @@ def main(argv=None):
         ms = statistics.median(times[name]) * 1e3
         rows.append({"variant": name, "params": params, "step_ms": ms, "images_per_s": args.batch / ms * 1e3,
                      "data_wait_ms": statistics.median(waits[name]) * 1e3, "ratio": ms / (ref * 1e3),
+                     "model_gflop": flops / 1e9, "mfu": flops / (ms / 1e3) / ceiling,
                      "peak_mem_mb": peak[name] / 2 ** 20 if name in peak else None})
     print(f"{args.preset}  batch {args.batch}  {device.type}  {args.precision}  {args.steps} alternating steps  "
           f"default threads {DEFAULT_THREADS}  overrides: {' '.join(args.overrides) or '-'}")
-    print(f"{'variant':<16}{'params':>12}{'step ms':>10}{'img/s':>9}{'wait ms':>9}{'peak MB':>9}{'x first':>9}")
+    print(f"model {flops / 1e9:.2f} GFLOP per step (forward + backward); matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
+    print(f"{'variant':<16}{'params':>12}{'step ms':>10}{'img/s':>9}{'MFU %':>7}{'wait ms':>9}{'peak MB':>9}"
+          f"{'x first':>9}")
     for r in rows:
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else f"{rss_mb:.0f}*"
         print(f"{r['variant']:<16}{r['params']:>12,}{r['step_ms']:>10.1f}{r['images_per_s']:>9.1f}"
-              f"{r['data_wait_ms']:>9.2f}{mem:>9}{r['ratio']:>9.3f}")
+              f"{100 * r['mfu']:>7.1f}{r['data_wait_ms']:>9.2f}{mem:>9}{r['ratio']:>9.3f}")
     if device.type != "cuda":
         print("* CPU: the whole process's max RSS, not per variant")
     if args.official:
@@ -209,7 +251,8 @@ def main(argv=None):
             print(f"{r['variant']} / official step time: {r['step_ms'] / rows[-1]['step_ms']:.3f}")
     result = {"preset": args.preset, "batch": args.batch, "device": device.type, "precision": args.precision,
               "steps": args.steps, "default_threads": DEFAULT_THREADS, "overrides": args.overrides,
-              "process_max_rss_mb": rss_mb, "rows": rows}
+              "process_max_rss_mb": rss_mb, "model_gflop_per_step": flops / 1e9,
+              "matmul_ceiling_gflops": ceiling / 1e9, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -23,5 +23,6 @@ def test_bench_train_dry_run_writes_its_table_and_json(tmp_path, capsys):
     for r in rows.values():
         assert r["step_ms"] > 0 and abs(r["images_per_s"] - 4e3 / r["step_ms"]) < 1e-6
         assert 0 <= r["data_wait_ms"] < r["step_ms"] and r["params"] == rows["loop"]["params"]
+        assert r["model_gflop"] == result["model_gflop_per_step"] > 0 and 0 < r["mfu"] < 1
     table = capsys.readouterr().out
     assert "step ms" in table and "ckpt" in table
