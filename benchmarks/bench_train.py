@@ -2,6 +2,10 @@
 
     python benchmarks/bench_train.py [--preset dit-s-2] [--batch 16] [--device cpu|cuda] [--precision fp32|bf16]
         [--steps 10] [--warmup 2] [--variant NAME:KEY=V,KEY=V ...] [--official PATH] [--json out.json] [KEY=VALUE ...]
+    python benchmarks/bench_train.py --suite dit-s-2,dit-b-2,dit-xl-2 --batch 32 --device cuda --json gpu.json
+
+The second is the whole GPU table (DiT-S/2, B/2, XL/2 at the paper's 32 images per GPU, fp32 and bf16, eager
+and regionally compiled); it has not been run yet (no GPU was available when it was written).
 
 Each variant is ditk's training step (the loop's: objective loss, backward, clipping, AdamW, EMA) under the
 preset plus its overrides, e.g. `--variant eager:train.compile=none --variant regional:train.compile=regional`
@@ -208,9 +212,35 @@ def main(argv=None):
                         help="NAME:KEY=V,KEY=V a ditk lever set (repeatable; the first is the reference)")
     parser.add_argument("--official", default="", help="path of a local facebookresearch/DiT checkout")
     parser.add_argument("--json", default="", help="write the results here as JSON")
+    parser.add_argument("--suite", default="",
+                        help="comma-separated presets: run each in fp32 and bf16, variants (default) eager and "
+                             "compiled (train.compile=regional); e.g. the GPU table: dit-s-2,dit-b-2,dit-xl-2")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.warmup < 0:
         parser.error("--steps and --batch must be >= 1, --warmup >= 0")
+    if not args.suite:
+        result = run(args)
+    else:
+        import gc
+
+        result = []
+        for preset in filter(None, args.suite.split(",")):
+            for precision in ("fp32", "bf16"):
+                one = argparse.Namespace(**{**vars(args), "preset": preset, "precision": precision,
+                                            "variant": args.variant or ["eager:train.compile=none",
+                                                                        "compiled:train.compile=regional"]})
+                result.append(run(one))
+                gc.collect()  # free one configuration's models before the next
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def run(args):
+    """One table: the variants of one preset, batch, device and precision, alternating."""
     device = torch.device(args.device)
 
     variants, cfg = [], None
@@ -253,9 +283,6 @@ def main(argv=None):
               "steps": args.steps, "default_threads": DEFAULT_THREADS, "overrides": args.overrides,
               "process_max_rss_mb": rss_mb, "model_gflop_per_step": flops / 1e9,
               "matmul_ceiling_gflops": ceiling / 1e9, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
     return result
 
 
