@@ -65,6 +65,11 @@ def restore_optimizer_flags(optimizer: torch.optim.Optimizer, flags: dict) -> No
     says foreach=None): the configured implementation wins. It changes the kernels, not the update."""
     for group in optimizer.param_groups:
         group.update(flags)
+        if flags.get("fused"):  # fused kernels want each `step` counter on its parameter's device (a loop's is on CPU)
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
 
 @torch.no_grad()

@@ -69,6 +69,10 @@ def test_optimizer_impl_selects_the_kernels_and_keeps_the_update(impl):
     opt.load_state_dict(saved)
     restore_optimizer_flags(opt, flags)
     assert {k: opt.param_groups[0][k] for k in flags} == flags
+    for p in model.parameters():  # and it steps from the loaded state
+        p.grad = torch.ones_like(p) if p.requires_grad else None
+    opt.step()
+    assert all(s["step"].item() == 4 for s in opt.state.values())
 
 
 def test_bad_lever_values_are_one_line_errors():
