@@ -223,8 +223,9 @@ def read_config_file(path: str | Path) -> DictConfig:
         what = "empty" if not raw else f"a {type(raw).__name__}, not a mapping of sections"
         raise ConfigError(f"{path} is damaged ({what}): {fix}")
     # ditk writes every section; a file cut short loses the last ones (a default would silently stand in)
-    # (conditioner, the newest section, may be absent from runs made before it existed)
-    missing = [s for s in (*FIXED_SECTIONS, *REGISTRY_SECTIONS) if s != "conditioner" and not isinstance(raw.get(s), dict)]
+    # (conditioner and runtime, the newest sections, may be absent from runs made before they existed)
+    missing = [s for s in (*FIXED_SECTIONS, *REGISTRY_SECTIONS)
+               if s not in ("conditioner", "runtime") and not isinstance(raw.get(s), dict)]
     if missing:
         raise ConfigError(f"{path} is damaged or truncated (no '{missing[0]}' section): {fix}")
     try:

@@ -22,6 +22,7 @@ class OptimConfig:
     eps: float = 1e-8
     schedule: str = "constant"  # any diffusers.optimization schedule: constant, cosine, linear, ...
     warmup_steps: int = 0
+    impl: str = "auto"  # AdamW kernels: auto (fused where torch has it) | fused | foreach | loop (ditk.speed)
 
 
 @dataclass
@@ -41,7 +42,14 @@ class TrainConfig:
     precompute_latents: bool = False  # encode the dataset once with the autoencoder (fast-DiT)
     allow_tf32: bool = True
     init_from: str = ""  # start a fresh run from these weights: a ditk run/checkpoint (EMA), .pt, .safetensors, diffusers folder
+    compile: str = "none"  # torch.compile the model for training: none | full (= true) | regional (each block; starts faster)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: memory for batch size
     skip_nonfinite: int = 0  # skip up to N steps whose loss or gradient norm is NaN/inf (0: stop at the first, exit 1)
+
+
+@dataclass
+class RuntimeConfig:
+    threads: int = 0  # torch's intra-op CPU threads (torch.set_num_threads); 0 = torch's default (OMP_NUM_THREADS)
 
 
 @dataclass
@@ -93,7 +101,8 @@ class PruneConfig:
     lr_reference_batch: int = 256  # the global batch optim.lr was tuned for
 
 
-FIXED_SECTIONS = {"run": RunConfig, "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig}
+FIXED_SECTIONS = {"run": RunConfig, "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig,
+                  "runtime": RuntimeConfig}
 # Sections typed by a schema that only some configs have (a run made by `ditk prune` records its `prune:`
 # settings; other runs have no such section).
 OPTIONAL_FIXED_SECTIONS = {"prune": PruneConfig}

@@ -24,6 +24,8 @@ from .build import (build_autoencoder, build_conditioner, build_dataset, build_m
 from .config import section_obj, to_yaml
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, ConfigError, RunFailed
 from .runs import RunDir, is_main_rank, load_state, load_weights, save_checkpoint, save_json
+from .speed import (apply_model_levers, build_optimizer, optimizer_flags, restore_optimizer_flags, set_threads,
+                    update_ema)  # noqa: F401  (update_ema: re-exported, tests and distill import it from here)
 from .atomic import write_text
 
 
@@ -45,11 +47,6 @@ def mix_conditions(cond: dict, uncond: dict, drop: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - decay)
-
-
 def auxiliary_loss(model: torch.nn.Module):
     """Sum of the `aux_loss` tensors that modules set during the last forward (e.g. an MoE balance loss),
     or None. A module opts in by assigning `self.aux_loss` in its forward; the loop adds it to the loss."""
@@ -123,6 +120,7 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
     from .data.sampler import ResumableBatchSampler
 
     tc = cfg.train
+    set_threads(cfg)
     # cpu=True without a GPU: accelerate then sets up multi-process CPU training (gloo) under torchrun.
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps,
                               cpu=not torch.cuda.is_available())
@@ -173,10 +171,7 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
     if hasattr(objective, "attach"):  # a distillation method (ditk.distill): loads its frozen teacher, sees the EMA
         objective.attach(ema=ema, conditioner=conditioner, device=device, run_dir=run.path)
 
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
-    )
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, device)
     lr_scheduler = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                                  num_training_steps=tc.max_steps)
 
@@ -190,6 +185,7 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
         if uses_ema:
             load_state_dict_checked(ema, load_weights(ckpt, "ema"), str(ckpt / "ema.safetensors"))
         optimizer.load_state_dict(state["optimizer"])
+        restore_optimizer_flags(optimizer, optimizer_flags(cfg.optim.impl, device))
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if "objective" in state:  # an objective's own training state (e.g. progressive distillation's round teacher)
             objective.load_state_dict(state["objective"])
@@ -198,6 +194,8 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
     if accelerator.is_main_process:  # drop records logged after the checkpoint (or all, if there is none)
         run.truncate_metrics(start_step)
     ema.to(device)
+    for lever in apply_model_levers(model, tc):  # after the EMA copy: the levers are the trained model's only
+        log(lever)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
@@ -239,13 +237,16 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (progress and accelerator.is_main_process),
                desc="train", file=sys.stderr, dynamic_ncols=True)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    data_wait = 0.0  # seconds this process waited in next(batches) since the last record
     timed_steps = 0  # steps run by this process since the last record (the speed; the window may predate a resume)
     window_loss = float(state.get("log_window", {}).get("loss_sum", 0.0))
     window_steps = int(state.get("log_window", {}).get("steps", 0))
     skipped = int(state.get("nonfinite_skipped", 0))
     model.train()
     while step < tc.max_steps:
+        t_wait = time.perf_counter()
         images, labels = next(batches)
+        data_wait += time.perf_counter() - t_wait
         gen = step_generator(cfg.run.seed, step)
         if hasattr(objective, "begin_step"):  # objectives with a schedule over training (A-JEPA's mask curriculum)
             objective.begin_step(raw_model, step, tc.max_steps)
@@ -312,13 +313,14 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
             elapsed = time.perf_counter() - window_start
             record = {"step": step, "loss": window_loss / window_steps if window_steps else None,  # None: all skipped
                       "lr": lr_scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm), "images_per_sec": timed_steps * tc.global_batch_size / elapsed}
+                      "grad_norm": float(grad_norm), "images_per_sec": timed_steps * tc.global_batch_size / elapsed,
+                      "data_wait_s": data_wait}
             if tc.skip_nonfinite:
                 record["skipped_steps"] = skipped
             if accelerator.is_main_process:
                 run.append_metrics(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "skipped")
-            window_loss, window_steps, window_start, timed_steps = 0.0, 0, time.perf_counter(), 0
+            window_loss, window_steps, window_start, timed_steps, data_wait = 0.0, 0, time.perf_counter(), 0, 0.0
 
         stop = torch.tensor(float(preempt.signum is not None), device=device)
         stop = accelerator.reduce(stop, "sum").item() > 0  # every process stops at the same step
@@ -371,7 +373,9 @@ def train_in_run_dir(cfg: DictConfig, path: Path, resume: bool | None, progress:
 # Keys that may change when a run is resumed (they do not change what is computed at a given step; run.dir and
 # run.name change when a run directory is moved or copied).
 RESUMABLE_KEYS = {"run.dir", "run.name", "train.max_steps", "train.log_every", "train.ckpt_every", "train.sample_every",
-                  "train.keep_last", "train.num_workers", "train.skip_nonfinite", "sample"}
+                  "train.keep_last", "train.num_workers", "train.skip_nonfinite", "sample",
+                  # speed levers: the same step, other kernels (ditk.speed)
+                  "train.compile", "train.activation_checkpointing", "optim.impl", "runtime"}
 
 
 def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None, parent: str | None = None) -> DictConfig:

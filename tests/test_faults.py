@@ -61,9 +61,9 @@ def copy_run6(runs, tmp_path, name="run") -> Path:
 
 
 def metrics(run: Path) -> list:
-    """The records without their wall-clock speed (the only field that may differ between equal runs)."""
+    """The records without their wall-clock fields (the only ones that may differ between equal runs)."""
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "images_per_sec"} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in ("images_per_sec", "data_wait_s")} for line in lines]
 
 
 def digests(run: Path) -> dict:

@@ -1,0 +1,290 @@
+"""Training-step speed of any class-conditional preset, per lever set, optionally beside the official DiT code.
+
+    python benchmarks/bench_train.py [--preset dit-s-2] [--batch 16] [--device cpu|cuda] [--precision fp32|bf16]
+        [--steps 10] [--warmup 2] [--variant NAME:KEY=V,KEY=V ...] [--official PATH] [--json out.json] [KEY=VALUE ...]
+    python benchmarks/bench_train.py --suite dit-s-2,dit-b-2,dit-xl-2 --batch 32 --device cuda --json gpu.json
+
+The second is the whole GPU table (DiT-S/2, B/2, XL/2 at the paper's 32 images per GPU, fp32 and bf16, eager
+and regionally compiled); it has not been run yet (no GPU was available when it was written).
+
+Each variant is ditk's training step (the loop's: objective loss, backward, clipping, AdamW, EMA) under the
+preset plus its overrides, e.g. `--variant eager:train.compile=none --variant regional:train.compile=regional`
+(default: one variant `ditk` with the preset's settings). Thread counts are compared in separate processes
+(`OMP_NUM_THREADS=N`): switching torch's threads at every alternating step costs more than the step itself. `--official PATH` adds the official
+facebookresearch/DiT step (PATH is a local checkout, imported from there, never copied here): its DiT,
+`create_diffusion("")`, AdamW(lr=1e-4, wd=0) and its EMA loop, with the same weights, batch and shapes.
+Variants run ALTERNATING, one step each per round, so that a busy machine slows them alike; the table gives
+median step time, images/s, model FLOPs per step (FlopCounterMode) and MFU against a large matmul timed
+on the same device and precision, the time blocked on the data loader, peak memory (CUDA: allocated; CPU: the
+process's max RSS) and each variant's time relative to the first. The data are random latents served by a
+DataLoader (`--workers`): the same for every variant; the VAE is not part of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from ditk.build import build_conditioner, build_model, build_objective, latent_shape
+from ditk.config import resolve
+from ditk.speed import apply_model_levers, build_optimizer, update_ema
+
+DEFAULT_THREADS = torch.get_num_threads()  # torch's default here (OMP_NUM_THREADS, else one per core)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _loader(shape, num_classes, batch, workers, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = batch * 8
+    data = torch.utils.data.TensorDataset(torch.randn((n, *shape), generator=g),
+                                          torch.randint(0, max(num_classes, 1), (n,), generator=g))
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                                         persistent_workers=workers > 0, generator=g)
+    while True:  # endless: the timed steps never see an epoch boundary the other variants do not
+        yield from loader
+
+
+def ditk_variant(preset, overrides, args, device):
+    """ditk's step for one lever set; returns (step function, parameter count, config)."""
+    cfg = resolve(preset, overrides, allow_missing=("data", "autoencoder"))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    objective = build_objective(cfg)
+    conditioner = build_conditioner(cfg, int(getattr(model, "num_classes", 0) or 0), model=model)
+    ema = copy.deepcopy(model).requires_grad_(False).eval().to(device)
+    model.to(device)
+    apply_model_levers(model, cfg.train)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, device)
+    shape = latent_shape(model)
+    batches = _loader(shape, getattr(model, "num_classes", 0) or 0, args.batch, args.workers, 0)
+    gen = torch.Generator().manual_seed(0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+    if int(cfg.runtime.threads):
+        raise SystemExit("runtime.threads: measure thread counts in separate processes (OMP_NUM_THREADS=N python "
+                         "benchmarks/bench_train.py ...): switching torch's threads between alternating steps costs "
+                         "far more than the step")
+    model.train()
+
+    def step():
+        t0 = time.perf_counter()
+        x0, labels = next(batches)
+        wait = time.perf_counter() - t0
+        x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        t = objective.sample_time(args.batch, gen).to(device)
+        noise = torch.randn((args.batch, *shape), generator=gen).to(device)
+        with autocast:
+            loss = objective.training_losses(model, x0, t, noise, conditioner.cond(labels))["loss"].mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # what accelerate's clip calls
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, cfg.train.ema_decay)
+        return wait
+
+    return step, sum(p.numel() for p in model.parameters()), cfg
+
+
+def official_variant(path, cfg, args, device):
+    """The official DiT training step (facebookresearch/DiT train.py), imported from a local checkout."""
+    sys.path.insert(0, path)
+    try:
+        from diffusion import create_diffusion
+        from models import DiT
+    finally:
+        sys.path.remove(path)
+    m = cfg.model
+    torch.manual_seed(0)
+    model = DiT(input_size=m.input_size, patch_size=m.patch_size, in_channels=m.in_channels,
+                hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+                class_dropout_prob=m.class_dropout_prob, num_classes=m.num_classes, learn_sigma=m.learn_sigma).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    diffusion = create_diffusion(timestep_respacing="")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    shape = (m.in_channels, m.input_size, m.input_size)
+    batches = _loader(shape, m.num_classes, args.batch, args.workers, 0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    model.train()
+
+    @torch.no_grad()
+    def official_ema(decay=0.9999):  # official train.py update_ema
+        ema_params = dict(ema.named_parameters())
+        for name, param in model.named_parameters():
+            ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
+
+    def step():
+        t0 = time.perf_counter()
+        x, y = next(batches)
+        wait = time.perf_counter() - t0
+        x, y = x.to(device), y.to(device)
+        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+        with autocast:
+            loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        official_ema()
+        return wait
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def step_flops(cfg, args, device) -> int:
+    """Model FLOPs of one training step (forward + backward, counted by torch's FlopCounterMode on an eager
+    copy; activation checkpointing's recomputation is not counted, as MFU conventionally does not). On CPU this
+    torch does not count the fused attention kernel: DiT-S/2's forward counts 10.9 GFLOP per image against the
+    paper's 6.06 GMAC = 12.1 GFLOP, the difference being QK^T and AV; MFU on CPU is therefore a slight floor."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(cfg).to(device)
+    objective = build_objective(cfg)
+    conditioner = build_conditioner(cfg, int(getattr(model, "num_classes", 0) or 0), model=model)
+    shape = latent_shape(model)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn((args.batch, *shape), generator=gen).to(device)
+    labels = torch.zeros(args.batch, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter:
+        t = objective.sample_time(args.batch, gen).to(device)
+        noise = torch.randn((args.batch, *shape), generator=gen).to(device)
+        objective.training_losses(model, x0, t, noise, conditioner.cond(labels))["loss"].mean().backward()
+    return counter.get_total_flops()
+
+
+def matmul_ceiling(device, precision) -> float:
+    """FLOP/s of a large square matmul on this device in this precision: the MFU denominator."""
+    n = 4096 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(6):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times[1:])
+
+
+def measure(variants, args, device):
+    """Alternate the variants one step at a time; per variant: step seconds and data-wait seconds."""
+    for _, step, _ in variants:
+        for _ in range(args.warmup):  # compilation and allocator warm-up, untimed
+            step()
+    times = {name: [] for name, _, _ in variants}
+    waits = {name: [] for name, _, _ in variants}
+    peak = {}
+    for _ in range(args.steps):
+        for name, step, _ in variants:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            waits[name].append(step())
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
+    return times, waits, peak
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides applied to every ditk variant")
+    parser.add_argument("--preset", default="dit-s-2", help="a class-conditional preset (default: dit-s-2)")
+    parser.add_argument("--batch", type=int, default=16, help="images per step")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME:KEY=V,KEY=V a ditk lever set (repeatable; the first is the reference)")
+    parser.add_argument("--official", default="", help="path of a local facebookresearch/DiT checkout")
+    parser.add_argument("--json", default="", help="write the results here as JSON")
+    parser.add_argument("--suite", default="",
+                        help="comma-separated presets: run each in fp32 and bf16, variants (default) eager and "
+                             "compiled (train.compile=regional); e.g. the GPU table: dit-s-2,dit-b-2,dit-xl-2")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or args.warmup < 0:
+        parser.error("--steps and --batch must be >= 1, --warmup >= 0")
+    if not args.suite:
+        result = run(args)
+    else:
+        import gc
+
+        result = []
+        for preset in filter(None, args.suite.split(",")):
+            for precision in ("fp32", "bf16"):
+                one = argparse.Namespace(**{**vars(args), "preset": preset, "precision": precision,
+                                            "variant": args.variant or ["eager:train.compile=none",
+                                                                        "compiled:train.compile=regional"]})
+                result.append(run(one))
+                gc.collect()  # free one configuration's models before the next
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def run(args):
+    """One table: the variants of one preset, batch, device and precision, alternating."""
+    device = torch.device(args.device)
+
+    variants, cfg = [], None
+    for spec in args.variant or ["ditk:"]:
+        name, _, keys = spec.partition(":")
+        step, params, cfg_v = ditk_variant(args.preset, [*args.overrides, *filter(None, keys.split(","))], args, device)
+        cfg = cfg or cfg_v
+        variants.append((name, step, params))
+    if args.official:
+        step, params = official_variant(args.official, cfg, args, device)
+        variants.append(("official", step, params))
+
+    flops = step_flops(cfg, args, device)
+    ceiling = matmul_ceiling(device, args.precision)
+    times, waits, peak = measure(variants, args, device)
+    ref = statistics.median(times[variants[0][0]])
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rows = []
+    for name, _, params in variants:
+        ms = statistics.median(times[name]) * 1e3
+        rows.append({"variant": name, "params": params, "step_ms": ms, "images_per_s": args.batch / ms * 1e3,
+                     "data_wait_ms": statistics.median(waits[name]) * 1e3, "ratio": ms / (ref * 1e3),
+                     "model_gflop": flops / 1e9, "mfu": flops / (ms / 1e3) / ceiling,
+                     "peak_mem_mb": peak[name] / 2 ** 20 if name in peak else None})
+    print(f"{args.preset}  batch {args.batch}  {device.type}  {args.precision}  {args.steps} alternating steps  "
+          f"default threads {DEFAULT_THREADS}  overrides: {' '.join(args.overrides) or '-'}")
+    print(f"model {flops / 1e9:.2f} GFLOP per step (forward + backward); matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
+    print(f"{'variant':<16}{'params':>12}{'step ms':>10}{'img/s':>9}{'MFU %':>7}{'wait ms':>9}{'peak MB':>9}"
+          f"{'x first':>9}")
+    for r in rows:
+        mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else f"{rss_mb:.0f}*"
+        print(f"{r['variant']:<16}{r['params']:>12,}{r['step_ms']:>10.1f}{r['images_per_s']:>9.1f}"
+              f"{100 * r['mfu']:>7.1f}{r['data_wait_ms']:>9.2f}{mem:>9}{r['ratio']:>9.3f}")
+    if device.type != "cuda":
+        print("* CPU: the whole process's max RSS, not per variant")
+    if args.official:
+        for r in rows[:-1]:
+            print(f"{r['variant']} / official step time: {r['step_ms'] / rows[-1]['step_ms']:.3f}")
+    result = {"preset": args.preset, "batch": args.batch, "device": device.type, "precision": args.precision,
+              "steps": args.steps, "default_threads": DEFAULT_THREADS, "overrides": args.overrides,
+              "process_max_rss_mb": rss_mb, "model_gflop_per_step": flops / 1e9,
+              "matmul_ceiling_gflops": ceiling / 1e9, "rows": rows}
+    return result
+
+
+if __name__ == "__main__":
+    main()

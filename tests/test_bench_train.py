@@ -1,0 +1,40 @@
+"""benchmarks/bench_train.py: a one-step CPU dry run of the harness (the GPU table uses the same code)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+from ditk_testing import TINY
+
+
+def test_bench_train_dry_run_writes_its_table_and_json(tmp_path, capsys):
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    tiny_model = [o for o in TINY if o.startswith("model.")]
+    result = bench.main(["--preset", "digits-dit", "--batch", "4", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                         "--variant", "loop:optim.impl=loop", "--variant", "ckpt:train.activation_checkpointing=true",
+                         "--json", str(out), *tiny_model])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"loop", "ckpt"} and rows["loop"]["ratio"] == 1.0
+    for r in rows.values():
+        assert r["step_ms"] > 0 and abs(r["images_per_s"] - 4e3 / r["step_ms"]) < 1e-6
+        assert 0 <= r["data_wait_ms"] < r["step_ms"] and r["params"] == rows["loop"]["params"]
+        assert r["model_gflop"] == result["model_gflop_per_step"] > 0 and 0 < r["mfu"] < 1
+    table = capsys.readouterr().out
+    assert "step ms" in table and "ckpt" in table
+
+
+def test_bench_train_suite_runs_each_preset_in_both_precisions(tmp_path):
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train_suite", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tiny_model = [o for o in TINY if o.startswith("model.")]
+    result = bench.main(["--suite", "digits-dit", "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                         "--variant", "eager:train.compile=none", "--json", str(tmp_path / "s.json"), *tiny_model])
+    assert [(r["preset"], r["precision"]) for r in result] == [("digits-dit", "fp32"), ("digits-dit", "bf16")]
+    assert json.loads((tmp_path / "s.json").read_text())[1]["rows"][0]["variant"] == "eager"
