@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..registry import OBJECTIVES
 from .base import Objective, cfg_get
 
@@ -45,7 +46,10 @@ class NextToken(Objective):
         return torch.as_tensor(timestep).float()
 
     def _make_scheduler(self, solver, steps, device, options):
-        raise NotImplementedError("autoregressive models decode token by token (ditk.caption.generate)")
+        # `solvers` names "autoregressive" so that `ditk sample` accepts the run; its decoding is token by token in
+        # ditk.caption.generate and never goes through the diffusion sampling loop.
+        raise ConfigError(f"solver '{solver}': an autoregressive captioner decodes token by token, not with a "
+                          "diffusion solver: sample it with `ditk sample RUN --images ...`")
 
     def training_losses(self, model, x0, t, noise, model_kwargs=None) -> dict:
         """x0: token ids (N, L). Mean cross-entropy of ids[:, 1:] given the prefix and ids[:, :-1] (padding too:
