@@ -3,7 +3,7 @@
     python benchmarks/bench_restore.py --ddpm-run runs/photos-dit --flow-run runs/photos-dit-flow
 
 For every task the same measurements y = A x + sigma_y n (seeded) go to the classical baseline (bicubic /
-Wiener / nearest fill / pseudo-inverse) and to each method that applies (DDNM, PiGDM, DPS on the DDPM prior,
+Wiener / nearest fill / pseudo-inverse) and to each method that applies (DDNM, DDRM, PiGDM, DPS on the DDPM prior,
 PnP-Flow on the flow prior). Prints a Markdown table (PSNR, SSIM on 8-bit RGB, NFE per image, seconds per
 image), writes it as JSON (--json) and a grid image (--grid): per task two crops, columns degraded | classical |
 methods... | ground truth.
@@ -30,8 +30,8 @@ def main():
     ap.add_argument("--flow-run", help="a photos-dit-flow run (flow prior, for pnp-flow)")
     ap.add_argument("--num", type=int, default=28, help="held-out crops to restore (28 = all)")
     ap.add_argument("--tasks", default=",".join(t for t, _ in TASKS))
-    ap.add_argument("--methods", default="ddnm,pigdm,dps,pnp-flow")
-    ap.add_argument("--steps", default="ddnm=100,pigdm=100,dps=1000,pnp-flow=100",
+    ap.add_argument("--methods", default="ddnm,ddrm,pigdm,dps,pnp-flow")
+    ap.add_argument("--steps", default="ddnm=100,ddrm=20,pigdm=100,dps=1000,pnp-flow=100",
                     help="steps per method (DPS paper: 1000)")
     ap.add_argument("--pnp-samples", type=int, default=5, help="PnP-Flow noise draws averaged per step (paper: 5)")
     ap.add_argument("--seed", type=int, default=0)

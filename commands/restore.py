@@ -23,19 +23,19 @@ def _pairs(values, flag):
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUTS... [KEY=VALUE]...")
 @click.option("--task", required=True, help="Degradation: sr2|sr4|sr8 (average pooling), sr4-bicubic, blur, motion-blur, "
               "inpaint-box, inpaint-random, inpaint-mask, colorize, denoise, cs.")
-@click.option("--method", help="ddnm, dps, pigdm (DDPM priors), pnp-flow (flow priors); default ddnm / pnp-flow.")
+@click.option("--method", help="ddnm, ddrm, dps, pigdm (DDPM priors), pnp-flow (flow priors); default ddnm / pnp-flow.")
 @click.option("--sigma-y", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Measurement noise std on the [-1, 1] scale (DPS uses 0.05); with --degrade it is also added to y.")
 @click.option("--degrade", is_flag=True, help="INPUTS are clean images: synthesise y = A x + noise first (benchmarking; "
               "PSNR/SSIM against them in report.json).")
 @click.option("--resize", is_flag=True, help="Resize inputs of another size to what the model and task expect (bicubic).")
-@click.option("--steps", type=click.IntRange(min=1, max=10000), help="Sampler steps (default: the method's: DPS 1000, others 100).")
+@click.option("--steps", type=click.IntRange(min=1, max=10000), help="Sampler steps (default: the method's: DPS 1000, DDRM 20, others 100).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Image i uses the seed (seed, i).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images restored at once.")
 @click.option("--task-opt", "task_opts", multiple=True, metavar="KEY=VALUE",
               help="Operator option, e.g. sigma=2 (blur), ratio=0.1 (cs), missing=0.7, mask=FILE.png (repeatable).")
 @click.option("--method-opt", "method_opts", multiple=True, metavar="KEY=VALUE",
-              help="Method option, e.g. zeta=1.0 (dps), travel_length=5 (ddnm), samples=1 (pnp-flow) (repeatable).")
+              help="Method option, e.g. zeta=1.0 (dps), travel_length=5 (ddnm), eta=0.85 (ddrm), samples=1 (pnp-flow) (repeatable).")
 @click.option("--class-label", type=click.IntRange(min=0), help="Class-conditional priors: condition on this class "
               "(default: the null class, i.e. the unconditional model).")
 @click.option("--preset", shell_complete=complete_presets, help="Architecture of a bare weights file.")

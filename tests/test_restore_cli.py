@@ -24,7 +24,7 @@ def flow_run(tmp_path_factory):
     return root / "digits-dit-flow"
 
 
-@pytest.mark.parametrize("method, extra", [("ddnm", ["--method-opt", "svd=true"]), ("dps", []), ("pigdm", [])])
+@pytest.mark.parametrize("method, extra", [("ddnm", ["--method-opt", "svd=true"]), ("dps", []), ("pigdm", []), ("ddrm", [])])
 def test_restore_end_to_end(trained_run, clean_digits, tmp_path, method, extra):
     out = tmp_path / "out"
     proc = invoke_ditk("restore", trained_run, clean_digits, "--task", "sr2", "--method", method, "--degrade",
@@ -64,7 +64,7 @@ def test_restore_with_a_flow_prior_and_degraded_inputs(flow_run, clean_digits, t
 @pytest.mark.parametrize("args, message", [
     (["--task", "sr-4"], "unknown task 'sr-4': did you mean"),
     (["--task", "sr2", "--method", "pnp-flow"], "method pnp-flow needs a rectified-flow prior"),
-    (["--task", "sr2", "--method", "ddmn"], "did you mean 'ddnm'"),
+    (["--task", "sr2", "--method", "ddnmm"], "did you mean 'ddnm'"),
     (["--task", "sr2", "--sigma-y", "-0.1"], "'--sigma-y': -0.1 is not in the range x>=0"),
     (["--task", "sr2", "--method-opt", "zeta=1"], "method ddnm has no option 'zeta'"),
     (["--task", "blur", "--task-opt", "sigma=0"], "sigma must be > 0"),

@@ -256,7 +256,7 @@ def test_methods_refuse_what_they_cannot_do():
     op = build_operator("sr4", (3, 16, 16))
     with pytest.raises(ConfigError, match="use --method pnp-flow"):
         get_method("ddnm").check(op, "rectified-flow", False)
-    with pytest.raises(ConfigError, match="use --method ddnm or dps or pigdm"):
+    with pytest.raises(ConfigError, match="use --method ddnm or ddrm or dps or pigdm"):
         get_method("pnp-flow").check(op, "ddpm", False)
     with pytest.raises(ConfigError, match="latent one: use --method dps"):
         get_method("ddnm").check(op, "ddpm", True)
@@ -264,3 +264,106 @@ def test_methods_refuse_what_they_cannot_do():
         get_method("pgdm")
     with pytest.raises(ConfigError, match="no option 'zta'"):
         get_method("dps").resolve_options({"zta": 1}, op)
+
+
+@pytest.mark.parametrize("task", ["sr2", "inpaint-random"])
+def test_ddrm_noise_free_recovers_the_gaussian_posterior_mean_and_is_consistent(task):
+    """DDRM (eta 0.85, eta_b 1) with the exact score of a factorised Gaussian prior and y = A x: every range
+    coordinate ends at ybar (A x = y to 1e-5) and the null space follows DDIM(eta) on the prior, whose mean is the
+    closed-form posterior mean A^+ y + (I - P) mu (the update is affine in x_t with E[x_t] = sqrt(abar_t) mu)."""
+    op = build_operator(task, SHAPE)
+    objective = DDPM({"variance": "fixed_small"})
+    mu, cov, P = factorised_prior(op, seed=5)
+    model = GaussianEps(objective, mu, cov)
+    g = torch.Generator().manual_seed(6)
+    x_true = (mu + torch.linalg.cholesky(cov) @ torch.randn(D, generator=g, dtype=torch.float64)).float().reshape(1, *SHAPE)
+    n = 600
+    y = op.A(x_true).expand(n, *op.y_shape()).contiguous()
+    method = get_method("ddrm")(op, y, objective, 0.0, generators=[torch.Generator().manual_seed(i) for i in range(n)])
+    out = sample(model, objective, torch.randn(n, *SHAPE, generator=g), {}, solver="ddpm", steps=20,
+                 step_hooks=[method]).double()
+    assert method.nfe == model.calls == 20
+    assert (op.A(out.float()) - y).abs().max() < 1e-5
+    eye = torch.eye(D, dtype=torch.float64)
+    post_mean = P @ x_true.double().flatten() + (eye - P) @ mu
+    post_cov = (eye - P) @ cov @ (eye - P)
+    se = torch.sqrt(torch.diagonal(post_cov) / n) + 1e-4
+    err = (out.flatten(1).mean(0) - post_mean).abs()
+    assert (err < 4 * se + 0.01).all(), (err, se)
+    # a sampler, not a point estimate; but not an exact posterior sampler either: DDRM's eta draws fresh noise
+    # around x0 (eta = 1 would be x0 + sigma' n), which forgets part of x_t, so the null-space spread falls short
+    # of the posterior's (about 0.6 of its variance here, with 20 steps)
+    ratio = out.flatten(1).var(0) / torch.diagonal(post_cov).clamp_min(1e-6)
+    spread = torch.diagonal(post_cov) > 1e-3
+    assert ((ratio[spread] > 0.3) & (ratio[spread] < 1.1)).all(), ratio
+
+
+def _ddrm_dense_reference(Am, x0, eps, y, sigma_next, sigma_y, eta, eta_b, tol):
+    """Eq. 7-8 written out with a dense float64 SVD of A: (mean, covariance) of x'^VE."""
+    U, S, Vh = torch.linalg.svd(Am, full_matrices=True)  # Vh: (D, D)
+    s = torch.zeros(D, dtype=torch.float64)
+    s[: S.numel()] = torch.where(S > tol * S.max(), S, torch.zeros_like(S))
+    ybar = torch.zeros(D, dtype=torch.float64)
+    k = S.numel()
+    ybar[:k] = torch.where(s[:k] > 0, (U.T @ y) / s[:k].clamp_min(1e-30), torch.zeros(k, dtype=torch.float64))
+    c0, e = Vh @ x0, Vh @ eps
+    mean, var = torch.empty(D, dtype=torch.float64), torch.empty(D, dtype=torch.float64)
+    for i in range(D):
+        if s[i] == 0:
+            mean[i] = c0[i] + math.sqrt(1 - eta ** 2) * sigma_next * e[i]
+            var[i] = (eta * sigma_next) ** 2
+        elif s[i] * sigma_next < sigma_y:
+            mean[i] = c0[i] + math.sqrt(1 - eta ** 2) * sigma_next * (ybar[i] - c0[i]) * s[i] / sigma_y
+            var[i] = (eta * sigma_next) ** 2
+        else:
+            mean[i] = (1 - eta_b) * c0[i] + eta_b * ybar[i]
+            var[i] = max(sigma_next ** 2 - (eta_b * sigma_y / s[i]) ** 2, 0.0)
+    return Vh.T @ mean, Vh.T @ torch.diag(var) @ Vh
+
+
+@pytest.mark.parametrize("task", ["sr2", "sr2-bicubic", "blur", "inpaint-random"])
+def test_ddrm_step_equals_a_dense_svd_reference(task):
+    """One DDRM step (mean and noise covariance, both branches sigma' s_i <> sigma_y and the null space) against
+    the paper's per-singular-value update with torch.linalg.svd of A as a matrix."""
+    op = build_operator(task, SHAPE, {"sigma": 0.6, "size": 3} if task == "blur" else {})
+    g = torch.Generator().manual_seed(7)
+    sigma_y, eta, eta_b = 0.1, 0.85, 0.7
+    y = op.A(torch.randn(1, *SHAPE, generator=g))
+    m = get_method("ddrm")(op, y, DDPM(), sigma_y, {"eta": eta, "eta_b": eta_b})
+    eye_x = torch.eye(D).reshape(D, *SHAPE)
+    Am = op.A(eye_x).reshape(D, -1).T.double()
+    ydim = Am.shape[0]
+    eye_y = torch.eye(ydim).reshape(ydim, *op.y_shape())
+    x0, eps = torch.randn(1, *SHAPE, generator=g), torch.randn(1, *SHAPE, generator=g)
+    for sigma_next in (0.05, 0.3, 2.0):
+        zx, zy = torch.zeros(1, *SHAPE), torch.zeros(1, *op.y_shape())
+        mean = m.update(x0, eps, sigma_next, zx, zy)
+        Mx = (m.update(x0.expand(D, *SHAPE), eps.expand(D, *SHAPE), sigma_next, eye_x, zy.expand(D, *op.y_shape()))
+              - mean).reshape(D, D).T.double()
+        m.y = y.expand(ydim, *op.y_shape())
+        My = (m.update(x0.expand(ydim, *SHAPE), eps.expand(ydim, *SHAPE), sigma_next, zx.expand(ydim, *SHAPE), eye_y)
+              - mean).reshape(ydim, D).T.double()
+        m.y = y
+        ref_mean, ref_cov = _ddrm_dense_reference(Am, x0.double().flatten(), eps.double().flatten(),
+                                                  y.double().flatten(), sigma_next, sigma_y, eta, eta_b, op.pinv_tol)
+        assert torch.allclose(mean.double().flatten(), ref_mean, atol=1e-4), (task, sigma_next)
+        assert torch.allclose(Mx @ Mx.T + My @ My.T, ref_cov, atol=1e-4), (task, sigma_next)
+
+
+def test_ddrm_refuses_an_operator_without_an_svd_form():
+    from ditk.errors import ConfigError
+    from ditk.restore.operators import Operator
+
+    class Opaque(Operator):  # A and A^T only, and a pinv, but no decomposition of A A^T
+        name = "opaque"
+
+        def A(self, x):
+            return x
+
+        At = A
+        pinv = A
+
+    with pytest.raises(ConfigError, match="needs an SVD form of A, which task opaque lacks: use --method dps$"):
+        get_method("ddrm").check(Opaque(SHAPE), "ddpm", False)
+    with pytest.raises(ConfigError, match="option eta must be in"):
+        get_method("ddrm")(build_operator("sr2", SHAPE), torch.zeros(1, 1, 2, 2), DDPM(), 0.0, {"eta": 1.5})

@@ -24,7 +24,7 @@ from .operators import Operator, build_operator
 
 
 def load_methods() -> dict:
-    from . import ddnm, dps, pigdm, pnp_flow  # noqa: F401  (each registers its method)
+    from . import ddnm, ddrm, dps, pigdm, pnp_flow  # noqa: F401  (each registers its method)
 
     return METHODS
 
