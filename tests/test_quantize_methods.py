@@ -99,7 +99,7 @@ def calib_env(tmp_path_factory):
     return {"DITK_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
 
 
-@pytest.mark.parametrize("method", ["rtn", "ptq4dit", "svdquant", "qdit", "viditq", "vq4dit"])
+@pytest.mark.parametrize("method", ["rtn", "ptq4dit", "svdquant", "qdit", "viditq", "vq4dit", "lrqdit"])
 def test_methods_write_a_simulated_folder_that_loads_identically_in_a_fresh_process(trained_run, tmp_path, method,
                                                                                     monkeypatch, calib_env):
     from ditk.quantize.api import quantize
