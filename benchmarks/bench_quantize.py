@@ -44,6 +44,8 @@ ROWS = [  # (row name, quantize arguments); None = the full-precision run itself
     ("svdquant W4A4", ["--simulate", "svdquant", "--wbits", "4", "--abits", "4"]),
     ("vq4dit W3A16", ["--simulate", "vq4dit", "--wbits", "3"]),
     ("vq4dit W2A16", ["--simulate", "vq4dit", "--wbits", "2"]),
+    ("lrqdit W4A8", ["--simulate", "lrqdit", "--wbits", "4", "--abits", "8"]),
+    ("lrqdit W4A4", ["--simulate", "lrqdit", "--wbits", "4", "--abits", "4"]),
 ]
 
 
