@@ -1,4 +1,6 @@
-"""VQ4DiT (Deng et al., "VQ4DiT: Efficient Post-Training Vector Quantization for Diffusion Transformers", 2024).
+"""VQ4DiT (Deng et al., "VQ4DiT: Efficient Post-Training Vector Quantization for Diffusion Transformers", AAAI 2025,
+arXiv 2408.17131). No official code; the formulas below follow the paper's method section as we read it (its
+equation numbers are not quoted: the text was not available offline), and the choices are listed after them.
 
 Weight-only vector quantization (the paper's W2A16 / W3A16 settings):
 
