@@ -42,6 +42,10 @@ ROWS = [  # (row name, quantize arguments); None = the full-precision run itself
     ("viditq W4A8 g32", ["--simulate", "viditq", "--wbits", "4", "--abits", "8", "--group-size", "32"]),
     ("rtn W4A4 g32", ["--simulate", "rtn", "--wbits", "4", "--abits", "4", "--group-size", "32"]),
     ("svdquant W4A4", ["--simulate", "svdquant", "--wbits", "4", "--abits", "4"]),
+    ("vq4dit W3A16", ["--simulate", "vq4dit", "--wbits", "3"]),
+    ("vq4dit W2A16", ["--simulate", "vq4dit", "--wbits", "2"]),
+    ("lrqdit W4A8", ["--simulate", "lrqdit", "--wbits", "4", "--abits", "8"]),
+    ("lrqdit W4A4", ["--simulate", "lrqdit", "--wbits", "4", "--abits", "4"]),
 ]
 
 
@@ -55,6 +59,9 @@ def packed_mib(m: dict) -> float:
         n_in, n_out = spec.get("in_features"), spec.get("out_features")
         if n_in is None:  # real rows: torchao already stores them packed (or unpacked: then this is what it could be)
             return m["size_bytes"]["after"] / 2**20
+        if "codebook_size" in rec:  # VQ4DiT: weight_bits per value (one index per sub-vector) + an fp16 codebook
+            total += -4 * n_in * n_out + n_in * n_out * rec["weight_bits"] / 8 + 2 * rec["codebook_size"] * rec["vector_dim"]
+            continue
         groups = n_out * (n_in // (rec.get("group_size") or n_in))
         total += -4 * n_in * n_out + n_in * n_out * rec["weight_bits"] / 8 + 4 * groups
         total += 2 * spec.get("rank", 0) * (n_in + n_out) + (2 * n_in if spec.get("smooth") else 0)

@@ -99,14 +99,14 @@ def calib_env(tmp_path_factory):
     return {"DITK_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
 
 
-@pytest.mark.parametrize("method", ["rtn", "ptq4dit", "svdquant", "qdit", "viditq"])
+@pytest.mark.parametrize("method", ["rtn", "ptq4dit", "svdquant", "qdit", "viditq", "vq4dit", "lrqdit"])
 def test_methods_write_a_simulated_folder_that_loads_identically_in_a_fresh_process(trained_run, tmp_path, method,
                                                                                     monkeypatch, calib_env):
     from ditk.quantize.api import quantize
     from ditk.quantize.checks import CalibSettings
 
     monkeypatch.setenv("DITK_CACHE_DIR", calib_env["DITK_CACHE_DIR"])
-    options = {"population": 4, "iterations": 1} if method == "qdit" else {"rank": 4} if method == "svdquant" else {}
+    options = {"population": 4, "iterations": 1} if method == "qdit" else {"rank": 4} if method == "svdquant" else {"steps": 5} if method == "vq4dit" else {}
     folder, manifest, model = quantize(str(trained_run), method=method, options=options, out=str(tmp_path / "q"),
                                        calib=CalibSettings(num=4, timesteps=2), progress=False)
     assert manifest["kind"] == "simulated" and "simulated" in manifest["note"]

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .quantizers import quantize_activation
+from .rotation import block_hadamard
 
 from .checks import DEFAULT_KEEP
 
@@ -48,7 +49,8 @@ class FakeQuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, act: Optional[dict] = None,
-                 smooth: bool = False, rank: int = 0, lowrank_dtype: str = "bfloat16", act_static: bool = False):
+                 smooth: bool = False, rank: int = 0, lowrank_dtype: str = "bfloat16", act_static: bool = False,
+                 rotation: int = 0):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.act = dict(act) if act else None
@@ -59,6 +61,10 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("down", torch.zeros(rank, in_features) if rank else None)
         self.register_buffer("up", torch.zeros(out_features, rank) if rank else None)
         self.register_buffer("act_scale", torch.ones(1) if act_static else None)
+        # rotation: block size of a Hadamard R applied to the (smoothed) input, x -> x R, with the weight stored
+        # already rotated (W R); 0 = none. Rebuilt from the block size, so it is not saved with the weights.
+        self.rotation = rotation
+        self.register_buffer("rot", block_hadamard(in_features, rotation) if rotation else None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight: torch.Tensor, **kwargs) -> "FakeQuantLinear":
@@ -73,11 +79,14 @@ class FakeQuantLinear(nn.Module):
     def spec(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
                 "act": self.act, "smooth": self.smooth is not None, "rank": 0 if self.down is None else self.down.shape[0],
-                "lowrank_dtype": self.lowrank_dtype, "act_static": self.act_scale is not None}
+                "lowrank_dtype": self.lowrank_dtype, "act_static": self.act_scale is not None,
+                **({"rotation": self.rotation} if self.rotation else {})}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
             x = x / self.smooth
+        if self.rot is not None:
+            x = x @ self.rot.to(x.dtype)
         xq = x
         if self.act is not None:
             xq = quantize_activation(x, self.act["bits"], self.act["granularity"], self.act.get("group_size"),

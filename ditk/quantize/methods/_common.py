@@ -60,12 +60,13 @@ def collect(model, layers: list[str], inputs: dict, hessian: bool = False, batch
 
 def swap(model, name: str, weight: torch.Tensor, act: Optional[dict], record: dict, **buffers) -> dict:
     """Replace layer `name` by a FakeQuantLinear holding `weight` (already fake-quantized) and `buffers`
-    (smooth, down, up, act_scale); returns the layer's quantization.json record."""
+    (smooth, down, up, act_scale; rotation = Hadamard block size); returns the layer's quantization.json record."""
     linear = model.get_submodule(name)
     smooth, down, up, act_scale = (buffers.get(k) for k in ("smooth", "down", "up", "act_scale"))
     layer = FakeQuantLinear.from_linear(linear, weight, act=act, smooth=smooth is not None,
                                         rank=0 if down is None else down.shape[0], act_static=act_scale is not None,
-                                        lowrank_dtype=buffers.get("lowrank_dtype", "bfloat16"))
+                                        lowrank_dtype=buffers.get("lowrank_dtype", "bfloat16"),
+                                        rotation=buffers.get("rotation", 0))
     with torch.no_grad():
         for key, value in (("smooth", smooth), ("down", down), ("up", up), ("act_scale", act_scale)):
             if value is not None:
