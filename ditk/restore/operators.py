@@ -23,6 +23,8 @@ the inpainting box is the centre half of the image (DPS: 128 x 128 of 256 x 256)
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import difflib
 import math
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 
 
-class Operator:
+class Operator(ABC):
     """Base class: subclasses define A, At, y_shape and the Gram decomposition (eig, to_basis, from_basis)."""
 
     name = ""
@@ -44,19 +46,23 @@ class Operator:
         self.shape = tuple(int(s) for s in shape)  # (C, H, W) of the clean image
 
     # -- to define ---------------------------------------------------------------------------------------------
+    @abstractmethod
     def A(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The degradation, batched: (N, C, H, W) -> (N, *y_shape())."""
 
+    @abstractmethod
     def At(self, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The adjoint: <A x, y> = <x, At y>."""
 
     def y_shape(self) -> tuple:
-        """Shape of one measurement (without the batch dimension)."""
-        raise NotImplementedError
+        """Shape of one measurement (without the batch dimension); by default found by applying A once."""
+        return tuple(self.A(torch.zeros(1, *self.shape)).shape[1:])
 
     def eig(self) -> torch.Tensor:
-        """Eigenvalues of A A^T, broadcastable against to_basis(y) (without the batch dimension)."""
-        raise NotImplementedError
+        """Eigenvalues of A A^T, broadcastable against to_basis(y) (without the batch dimension). Optional: an
+        operator without this decomposition (methods check `type(op).eig is Operator.eig`) offers no SVD form."""
+        raise ConfigError(f"task {self.name} has no eigen-decomposition of A A^T: use a method that needs only A "
+                          "and A^T (dps)")
 
     def to_basis(self, y: torch.Tensor) -> torch.Tensor:
         return y
