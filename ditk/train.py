@@ -46,7 +46,6 @@ def mix_conditions(cond: dict, uncond: dict, drop: torch.Tensor) -> dict:
     return out
 
 
-@torch.no_grad()
 def auxiliary_loss(model: torch.nn.Module):
     """Sum of the `aux_loss` tensors that modules set during the last forward (e.g. an MoE balance loss),
     or None. A module opts in by assigning `self.aux_loss` in its forward; the loop adds it to the loss."""
