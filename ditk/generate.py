@@ -56,6 +56,9 @@ def load_pipeline(source: str, preset: Optional[str] = None, overrides: Sequence
     if not path.exists():
         raise ConfigError(f"'{source}' does not exist: pass a run directory (runs/<name>), a checkpoint or a weights file")
     if (path / "config.yaml").is_file() or (path / "state.pt").is_file():
+        if weights != "ema" and (path / "quantization.json").is_file():
+            raise ConfigError(f"{source} is a `ditk quantize` output: it holds only the quantized EMA weights, so "
+                              "drop --weights model (or sample the source run named in its lineage.json)")
         run_dir, ckpt = resolve_checkpoint(path, files=(f"{weights}.safetensors",))  # verifies what it reads
         cfg = load_run_config(run_dir, overrides)
         state_dict = load_weights(ckpt, weights)

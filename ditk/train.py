@@ -347,6 +347,9 @@ def train_in_run_dir(cfg: DictConfig, path: Path, resume: bool | None, progress:
 
     from .runs import is_main_rank
 
+    if (path / "quantization.json").is_file():
+        raise ConfigError(f"{path} is a `ditk quantize` output (quantized weights, no training state): train or "
+                          "fine-tune its source run (named in its lineage.json), then quantize again")
     run = RunDir(path)
     created = not path.exists()
     top = path  # the outermost folder this command creates (runs/ on a first run)

@@ -138,3 +138,17 @@ def test_refusals_before_loading_do_not_import_torch(trained_run, tmp_path):
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_quantized_folder_refuses_model_weights_and_training_in_one_line(tmp_path):
+    """It holds only quantized EMA weights: `--weights model` and `ditk train` say so (exit 2), not "damaged"."""
+    from ditk_testing import TINY, invoke_ditk
+
+    invoke_ditk("train", "digits-dit", *TINY, "train.max_steps=2", f"run.dir={tmp_path}", "--no-progress", check=True)
+    out = invoke_ditk("quantize", tmp_path / "digits-dit", "--scheme", "int8-wo", "--no-progress", check=True)
+    folder = out.stdout.strip()
+    for args in (["sample", folder, "--weights", "model", "--num", "2"],
+                 ["train", f"{folder}/config.yaml", "--run-dir", folder]):
+        proc = invoke_ditk(*args, "--no-progress")
+        assert proc.returncode == 2 and "is a `ditk quantize` output" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
