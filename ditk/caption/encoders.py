@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..conditioners import load_local
 from ..errors import ConfigError
 from ..registry import CONDITIONERS
 
@@ -137,13 +138,9 @@ class CLIPImageConditioner(ImageConditioner):
         if not Path(path).is_dir():
             raise ConfigError(f"the CLIP folder '{path}' does not exist: set conditioner.encoder_path to a local folder "
                               "of openai/clip-vit-base-patch32 (config.json, model weights, preprocessor_config.json)")
-        try:
-            self.model = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)
-            processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as e:
-            why = (str(e).splitlines() or [type(e).__name__])[0]
-            raise ConfigError(f"cannot load a CLIP vision model from '{path}' ({why}): set conditioner.encoder_path "
-                              "to a local folder of openai/clip-vit-base-patch32") from None
+        self.model, processor = load_local(
+            path, "a CLIP vision model", "set conditioner.encoder_path to a local folder of openai/clip-vit-base-patch32",
+            CLIPVisionModelWithProjection, CLIPImageProcessor)
         self.model.eval().requires_grad_(False)
         self.mode = cfg.features
         self.resize_to = _side(processor.size, ("shortest_edge", "height"))
