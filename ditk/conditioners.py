@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -155,7 +156,10 @@ def load_local(path: str, what: str, fix: str, *loaders):
     try:
         return tuple(cls.from_pretrained(path, local_files_only=True) for cls in loaders)
     except (OSError, ValueError) as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0]
+        # A hub id cached locally is allowed; anything else that is not a folder gets a plain reason, not the
+        # hub's repo-id grammar.
+        why = ("no such folder, nor a model id in the local Hugging Face cache" if not Path(path).exists()
+               else (str(e).splitlines() or [type(e).__name__])[0])
         raise ConfigError(f"cannot load {what} from '{path}' ({why}): {fix}") from None
 
 

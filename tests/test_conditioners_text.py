@@ -40,6 +40,12 @@ def test_label_dropout_mixes_to_the_null_caption(text):
     assert torch.equal(mixed["context"][1], cond["context"][1])
 
 
-def test_missing_encoder_folder_is_a_config_error():
-    with pytest.raises(ConfigError, match="conditioner.encoder_path"):
+def test_missing_encoder_folder_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="conditioner.encoder_path") as e:
         build_text_conditioner(TextConditionerConfig(encoder_path="/no/such/encoder"), 10, NAMES)
+    assert "\n" not in str(e.value) and "no such folder" in str(e.value)
+    (tmp_path / "empty").mkdir()  # a folder without a model: one line with the library's own first line
+    with pytest.raises(ConfigError, match="conditioner.encoder_path") as e:
+        build_text_conditioner(TextConditionerConfig(encoder_path=str(tmp_path / "empty")), 10, NAMES)
+    assert "\n" not in str(e.value) and "empty" in str(e.value)
+
