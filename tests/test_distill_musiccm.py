@@ -246,3 +246,21 @@ def test_musiccm_presets_build_and_validate():
             with torch.device("meta"):
                 model = build_model(cfg)
             assert abs(sum(p.numel() for p in model.parameters()) - params) < 0.1e6
+
+
+def test_an_a_jepa_run_as_the_discriminator_s_feature_network(audio_teacher, tmp_path):
+    """distill.features=<A-JEPA run>: its frozen target encoder's tokens feed the heads, and the adversarial term's
+    gradient reaches the student through it (the paper's frozen AudioMAE, in ditk's family)."""
+    invoke_ditk("train", "a-jepa-tiny", "model.hidden_size=32", "model.depth=2", "model.predictor_hidden_size=16",
+                "model.predictor_depth=1", "data.num_clips=8", "train.global_batch_size=4", "train.max_steps=1",
+                "train.ckpt_every=1", "train.sample_every=0", f"run.dir={tmp_path}", "--no-progress", check=True)
+    method, student, _, conditioner = built_method(audio_teacher, tmp_path, f"distill.features={tmp_path / 'a-jepa-tiny'}",
+                                                   "distill.distill_weight=0", "distill.head_hidden=8", perturb=0.05)
+    assert method.features.net is not method.teacher and method.features.block_ids == [0, 1]
+    assert [h.fc.in_features for h in method.disc.heads] == [32, 32]
+    cond = conditioner.encode_prompts(["a fast rising melody"] * 2, "cpu")
+    x0 = torch.zeros(2, 1, 64, 64)
+    out = method.training_losses(student, x0, torch.tensor([25, 45]), torch.randn(2, 1, 64, 64), cond)
+    out["loss"].mean().backward()  # the adversarial term alone (distill_weight 0)
+    assert student.final_layer.linear.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in method.features.net.parameters())
