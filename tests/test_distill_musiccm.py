@@ -213,16 +213,18 @@ def image_flow_teacher(tmp_path_factory):
     ("missing", "does not exist"),
     ("features", "must be an A-JEPA run"),
     ("blocks", "feature_blocks"),
+    ("sampler", "sample.solver=lcm"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(audio_teacher, image_flow_teacher, trained_run, tmp_path,
                                                           case, message):
     args = {"image": ["digits-dit-flow", *TINY, "distill.method=musiccm", f"distill.teacher={image_flow_teacher}",
-                      "sample.solver=lcm"],
+                      "sample.solver=lcm", "sample.cfg_scale=1"],
             "ddpm": ["digits-dit", *TINY, "distill.method=musiccm", f"distill.teacher={trained_run}"],
             "missing": ["tones-musiccm", *SMALL, f"distill.teacher={tmp_path / 'nope'}"],
             "features": ["tones-musiccm", *SMALL, f"distill.teacher={audio_teacher}",
                          f"distill.features={image_flow_teacher}"],
-            "blocks": ["tones-musiccm", *SMALL, f"distill.teacher={audio_teacher}", "distill.feature_blocks=[7]"]}[case]
+            "blocks": ["tones-musiccm", *SMALL, f"distill.teacher={audio_teacher}", "distill.feature_blocks=[7]"],
+            "sampler": ["tones-fluxmusic", *SMALL, "distill.method=musiccm", f"distill.teacher={audio_teacher}"]}[case]
     proc = invoke_ditk("distill", *args, f"run.dir={tmp_path / 'runs'}", *FAST)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

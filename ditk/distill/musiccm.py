@@ -124,6 +124,10 @@ class MusicCM(Consistency):
             raise ConfigError(f"distill.method=musiccm distils an audio teacher, but {options.teacher} was trained on "
                               f"'{teacher_cfg.data.name}' (no audio front end): use a FluxMusic run (ditk train "
                               f"tones-fluxmusic) or another distill.method")
+        if cfg.sample.solver != "lcm" or float(cfg.sample.cfg_scale) != 1.0:
+            raise ConfigError(f"a MusicCM student samples with the lcm solver and no CFG (w is baked in), but sample.solver="
+                              f"{cfg.sample.solver} sample.cfg_scale={cfg.sample.cfg_scale}: set sample.solver=lcm "
+                              f"sample.steps=4 sample.cfg_scale=1 (as the tones-musiccm preset does)")
         if str(options.features) == "teacher":
             m = teacher_cfg.model
             depth = int(m.depth_double) + int(m.depth_single) if "depth_double" in m else int(m.get("depth", 0))
