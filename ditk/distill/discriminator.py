@@ -1,6 +1,6 @@
 """MusicCM's discriminator: a frozen audio feature network, light trainable heads, hinge loss and R1 penalty.
 
-MusicCM (Fei et al. 2024, arXiv 2404.13358, §3.2) follows ADD (Sauer et al. 2023): the discriminator is a frozen
+MusicCM (Fei et al. 2024, arXiv 2404.13358) follows ADD (Sauer et al. 2023): the discriminator is a frozen
 pre-trained feature network F (MusicCM: AudioMAE ViT-B on mel spectrograms) with small trainable heads D_φ,l on
 the token features of several of its layers; hinge loss, and an R1 gradient penalty on real data taken with
 respect to the heads' inputs (the features), so F is never differentiated twice:
@@ -22,7 +22,8 @@ What the paper does not specify and ditk chose:
   - the heads: per layer LayerNorm → Linear(D, hidden) → LeakyReLU(0.2) → Linear(hidden, 1) on each token, plus
     a projection-discriminator term ⟨φ(h), W c⟩ / sqrt(hidden) with the pooled text embedding c (ADD conditions
     its heads on the text embedding the same way); no spectral norm;
-  - the heads' optimizer: AdamW with betas (0, 0.99) (StyleGAN-T / ADD) and the run's learning rate.
+  - the heads' optimizer: AdamW with betas (0, 0.99) (StyleGAN2's for its discriminator), no weight decay, and the
+    run's learning rate (`disc_lr` overrides).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """MusicCM (Fei et al. 2024, "Music Consistency Models", arXiv 2404.13358): consistency distillation of a
 text-to-music flow teacher with its guidance baked in, plus an adversarial loss; 4-step sampling; long clips.
 
-The paper's objective (§3; no code was published):
+The paper's objective (no code was published; equations as the paper writes them, in ditk's notation):
   - latent consistency distillation (LCM): the student f_θ(z_{t_{n+k}}, c, t_{n+k}) matches the EMA target
     f_θ⁻(ẑ^{Ψ,w}_{t_n}, c, t_n), ẑ^{Ψ,w}_{t_n} = one step of the teacher's ODE solver Ψ with classifier-free guidance
     at a FIXED scale w = 2 (no w-embedding; the student is sampled without CFG), target EMA rate 0.95:
@@ -24,8 +24,9 @@ saved in state.pt, so a resumed run continues exactly); (3) the generator loss
 which the training loop back-propagates into the student. The teacher is frozen and never written.
 
 Choices where the paper is silent: the feature network and heads (see ditk.distill.discriminator); R1 weight γ = 1
-(`r1_weight`, StyleGAN-T's order); the heads' learning rate = the student's; one discriminator step per
-generator step; the adversarial term sees only the online x̂0 of the consistency pair (ADD's fake samples).
+(`r1_weight`; StyleGAN's range is 0.1–10 depending on the data); the heads' learning rate = the student's; one
+discriminator step per generator step; the adversarial term sees only the online x̂0 of the consistency pair
+(ADD's fake samples); the teacher's solver is flow Euler (DDIM's counterpart for a rectified flow).
 """
 
 from __future__ import annotations
@@ -50,12 +51,12 @@ class MusicCMConfig(ConsistencyConfig):
     teacher_solver: str = "euler"  # flow Euler = DDIM for a rectified flow (MusicCM: DDIM on MusicLDM)
     distill_weight: float = 3.0  # MusicCM: L = L_adv + 3 L_distill
     adv_weight: float = 1.0  # 0 = plain consistency distillation (no discriminator)
-    r1_weight: float = 1.0  # γ of (γ / 2) R1 (the paper gives none; StyleGAN-T's order)
+    r1_weight: float = 1.0  # γ of (γ / 2) R1 (the paper gives none; our choice)
     features: str = "teacher"  # feature network: teacher (the frozen FluxMusic teacher at t = 0) | an A-JEPA run
     feature_blocks: List[int] = field(default_factory=list)  # its blocks read by the heads; [] = 4 evenly spaced
     head_hidden: int = 256  # width of each discriminator head
     disc_lr: float = 0.0  # the heads' AdamW learning rate (0: optim.lr)
-    disc_betas: List[float] = field(default_factory=lambda: [0.0, 0.99])  # StyleGAN-T / ADD
+    disc_betas: List[float] = field(default_factory=lambda: [0.0, 0.99])  # StyleGAN2's Adam betas for D
 
 
 def _is_audio(data_cfg) -> bool:
