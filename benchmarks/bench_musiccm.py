@@ -1,7 +1,7 @@
 """MusicCM student against its FluxMusic teacher, side by side in one run: caption following, audio FAD, speed.
 
     python benchmarks/bench_musiccm.py --root /tmp/bench-musiccm [--teacher RUN] [--student RUN] [--features RUN]
-        [--teacher-steps 400] [--distill-steps 300] [--ajepa-steps 300] [--clips 32] [--json out.json]
+        [--teacher-steps 400] [--distill-steps 400] [--ajepa-steps 300] [--clips 32] [--json out.json]
 
 What it builds when not given (everything tiny, on CPU, a few minutes):
   teacher   `ditk train tones-fluxmusic` shrunk exactly as tests/test_music_captions.py shrinks it (its OVERRIDES:
@@ -12,12 +12,14 @@ What it builds when not given (everything tiny, on CPU, a few minutes):
             the A-JEPA feature network of the FAD (never seen by the student's discriminator, which reads the
             teacher's features).
 Rows: the teacher with its preset's sampler (Euler, 30 steps, CFG 4), the same teacher at 4 Euler steps (what 4
-steps give without distillation) and the student with its config's sampler (lcm, 4 steps, no CFG). For each row, on the same noise seeds:
+steps give without distillation) and the student with its config's sampler (lcm, 4 steps, no CFG); with
+--ablate-adversarial also a student distilled the same way without the discriminator (distill.adv_weight=0). For each row, on the same noise seeds:
   caption   ditk.audio.analysis.caption_following (the caption test's measurement): --clips clips for each of
             "a {slow|fast} {rising|falling} melody", vocoded (Griffin-Lim) and the pitch direction estimated from
             the WAV samples; agreement with the prompt (chance 0.5)
   FAD       those 4 x --clips WAVs against as many held-out synthesised melodies (data seed 7), A-JEPA features
-            (ditk.metrics.audio.evaluate, `ditk evaluate-fid --modality audio`'s code)
+            (ditk.metrics.audio.evaluate, `ditk evaluate-fid --modality audio`'s code); `fad_real_vs_real` is the
+            floor: as many other real melodies (data seed 8) against the same reference
   s/min     CPU seconds (time.process_time, one thread) to generate one 60 s clip with the long-clip sampler
             (overlapping 2 s windows, MultiDiffusion), spectrogram only, and with the Griffin-Lim vocoder
   NFE       model evaluations per window: steps x 2 with CFG
@@ -68,6 +70,14 @@ def build_runs(args) -> tuple[str, str, str]:
              f"train.ckpt_every={args.distill_steps}", "train.log_every=25", *args.distill_override,
              f"run.dir={args.root}")
         student = str(Path(args.root) / "tones-musiccm")
+    ablation = ""
+    if args.ablate_adversarial:  # the same distillation without the discriminator: what the adversarial term adds
+        keep = [o for o in shrunk if o.split("=")[0].startswith(("model.", "data.", "conditioner.", "run.seed"))]
+        ablation = str(Path(args.root) / "tones-musiccm-no-adv")
+        if not Path(ablation).exists():
+            ditk("distill", "tones-musiccm", *keep, f"distill.teacher={teacher}", f"train.max_steps={args.distill_steps}",
+                 f"train.ckpt_every={args.distill_steps}", "train.log_every=25", *args.distill_override,
+                 "distill.adv_weight=0", "run.name=tones-musiccm-no-adv", f"run.dir={args.root}")
     features = args.features
     if not features:
         ditk("train", "a-jepa-tiny", "model.input_size=32", "model.patch_size=4", "data.n_mels=32", "data.fmax=4000",
@@ -75,7 +85,7 @@ def build_runs(args) -> tuple[str, str, str]:
              "model.num_heads=4", "data.num_clips=1024", f"train.max_steps={args.ajepa_steps}",
              f"train.ckpt_every={args.ajepa_steps}", "optim.warmup_steps=20", f"run.dir={args.root}")
         features = str(Path(args.root) / "a-jepa-tiny")
-    return teacher, student, features
+    return teacher, student, features, ablation
 
 
 def write_wavs(folder: Path, waves, sample_rate: int) -> None:
@@ -86,12 +96,12 @@ def write_wavs(folder: Path, waves, sample_rate: int) -> None:
         write_wav(folder / f"{i:05d}.wav", wave, sample_rate)
 
 
-def reference_wavs(pipe, n: int, folder: Path) -> None:
+def reference_wavs(pipe, n: int, folder: Path, seed: int = 7) -> None:
     """n held-out synthesised melodies (data seed 7: not the training clips), as real audio."""
     from ditk.registry import DATASETS
 
     data = {k: v for k, v in pipe.cfg.data.items() if k != "name"}
-    held_out = DATASETS.build("music", DATASETS.get("music").config(**{**data, "seed": 7, "num_clips": 50 * n}))
+    held_out = DATASETS.build("music", DATASETS.get("music").config(**{**data, "seed": seed, "num_clips": 50 * n}))
     waves = [held_out.waveform(i) for i in range(len(held_out)) if held_out.spec(i).kind == "melody"][:n]
     write_wavs(folder, waves, int(pipe.cfg.data.sample_rate))
 
@@ -144,28 +154,40 @@ def main(argv=None) -> int:
     parser.add_argument("--student", default="", help="a tones-musiccm run of that teacher (else distilled here)")
     parser.add_argument("--features", default="", help="an A-JEPA run on the teacher's front end (else trained here)")
     parser.add_argument("--teacher-steps", type=int, default=400)
-    parser.add_argument("--distill-steps", type=int, default=300)
+    parser.add_argument("--distill-steps", type=int, default=400)
     parser.add_argument("--distill-override", action="append", default=[], help="extra KEY=VALUE for ditk distill")
     parser.add_argument("--ajepa-steps", type=int, default=300)
+    parser.add_argument("--ablate-adversarial", action="store_true",
+                        help="also distill and measure the student without the discriminator (distill.adv_weight=0)")
     parser.add_argument("--teacher-sample-steps", type=int, default=30, help="the teacher's Euler steps (preset: 30)")
     parser.add_argument("--clips", type=int, default=32, help="clips per prompt (4 prompts)")
     parser.add_argument("--json", default="", help="also write the result here")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    teacher, student, features = build_runs(args)
+    teacher, student, features, ablation = build_runs(args)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         from ditk.generate import load_pipeline
 
-        reference_wavs(load_pipeline(teacher, device="cpu"), 4 * args.clips, work / "reference")
+        teacher_pipe = load_pipeline(teacher, device="cpu")
+        reference_wavs(teacher_pipe, 4 * args.clips, work / "reference")
+        # The FAD's floor at this set size: as many other real melodies (data seed 8) against the reference.
+        reference_wavs(teacher_pipe, 4 * args.clips, work / "real", seed=8)
+        from ditk.metrics.audio import evaluate
+
+        floor = evaluate(str(work / "real"), str(work / "reference"), features, kid=False, use_cache=False,
+                         progress=False)["fad"]
         rows = [measure("teacher", teacher, [f"sample.steps={args.teacher_sample_steps}"], features, work / "reference",
                         args.clips, work),
                 measure("teacher-4-steps", teacher, ["sample.steps=4"], features, work / "reference", args.clips, work),
                 measure("musiccm", student, [], features, work / "reference", args.clips, work)]
+        if ablation:
+            rows.append(measure("musiccm-no-adv", ablation, [], features, work / "reference", args.clips, work))
     out = {"rows": rows, "clips_per_prompt": args.clips, "reference": f"{4 * args.clips} held-out synthesised melodies",
+           "fad_real_vs_real": round(float(floor), 3),
            "features": features, "speedup_s_per_min": round(rows[0]["s_per_min_spectrogram"] /
-                                                            rows[-1]["s_per_min_spectrogram"], 2),
+                                                            rows[2]["s_per_min_spectrogram"], 2),
            "seconds": round(time.perf_counter() - start, 1)}
     text = json.dumps(out, indent=1)
     print(text)
