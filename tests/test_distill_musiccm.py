@@ -132,6 +132,7 @@ def built_method(teacher, tmp_path, *overrides, perturb=0.0):
                 p.add_(torch.randn(p.shape, generator=g) * perturb)
     ema = copy.deepcopy(student).requires_grad_(False).eval()
     conditioner = build_conditioner(cfg, 1, ["a melody"], model=build_model(cfg))  # prompts are encoded directly
+    torch.manual_seed(0)  # the heads' initial weights (the training loop seeds the same way before it builds)
     method.attach(ema=ema, conditioner=conditioner, run_dir=tmp_path)
     return method, student, ema, conditioner
 
