@@ -159,8 +159,8 @@ class MusicCM(Consistency):
                 return model(x)
         ids = list(opts.feature_blocks) or evenly_spaced_blocks(len(net.blocks))
         self.features = FeatureNetwork(net, ids, patch, dim, call)
-        cond_dim = int(getattr(getattr(self.teacher, "vector_in", None), "in_layer").in_features) \
-            if hasattr(self.teacher, "vector_in") else 0
+        # the heads' projection term reads the pooled text embedding (FluxMusic's vector_in input)
+        cond_dim = int(self.teacher.vector_in.in_layer.in_features) if hasattr(self.teacher, "vector_in") else 0
         self.disc = Discriminator([dim] * len(ids), int(opts.head_hidden), cond_dim)
         if device is not None:
             self.disc.to(device)
@@ -175,7 +175,7 @@ class MusicCM(Consistency):
                 "disc_opt": self.disc_opt.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.disc is not None:
+        if self.disc is not None and "disc" in state:  # none saved: the run had adv_weight 0 until now
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
 
