@@ -100,3 +100,31 @@ TEMPO_THRESHOLD = float(np.sqrt(TEMPI["slow"][1] / 60 * TEMPI["fast"][0] / 60))
 
 def tempo(log_mel, front: MelSpectrogram) -> str:
     return "fast" if notes_per_second(log_mel, front) > TEMPO_THRESHOLD else "slow"
+
+
+def caption_following(pipe, clips: int, kind: str = "melody") -> dict:
+    """The caption-following score of a text-to-music pipeline (tests/test_music_captions.py's measurement): for
+    each prompt "a {slow|fast} {rising|falling} {kind}", `clips` clips (noise seeded by (sample.seed, i)) are
+    sampled with the pipeline's settings, turned into WAV samples by its vocoder, and their pitch direction is
+    estimated back from the audio. Returns {"agree": {"rising": n, "falling": n}, "total": 4 clips,
+    "measured": {prompt: [direction, ...]}, "waves": {prompt: [waveform, ...]}}; chance agreement is 50 %."""
+    from .generate import AudioOutput, sample_spectrograms
+
+    io = AudioOutput(pipe)
+    agree, measured, waves = {"rising": 0, "falling": 0}, {}, {}
+    before = pipe.cfg.sample.prompt
+    try:
+        for tempo_name in ("slow", "fast"):
+            for want in ("rising", "falling"):
+                prompt = f"a {tempo_name} {want} {kind}"
+                pipe.cfg.sample.prompt = prompt
+                got, audio = [], []
+                for spec in sample_spectrograms(pipe, list(range(clips))):
+                    wave = io.waveform(spec)  # the WAV samples `ditk sample` writes
+                    got.append(direction(io.front.log_mel(wave.numpy()), io.front))
+                    audio.append(wave.numpy())
+                measured[prompt], waves[prompt] = got, audio
+                agree[want] += got.count(want)
+    finally:
+        pipe.cfg.sample.prompt = before
+    return {"agree": agree, "total": 4 * clips, "measured": measured, "waves": waves}

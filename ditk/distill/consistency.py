@@ -142,10 +142,10 @@ class Consistency(Distiller):
             return euler
         return x + dt * 0.5 * (pred + self.prediction(self.teacher, euler, s, cond, self.w))  # Heun
 
-    def training_losses(self, model, x0, t, noise, model_kwargs=None) -> dict:
-        """`t` holds grid indices (from sample_time)."""
-        cond = model_kwargs or {}
-        later, earlier = (v.to(x0.device) for v in self.times(t.to(x0.device)))
+    def consistency_pair(self, model, x0, index, noise, cond):
+        """(online f_θ(x_{t_{n+k}}), target f_θ⁻(x̂_{t_n})) for grid intervals `index`: the pair the loss compares
+        (methods that add terms, e.g. MusicCM's adversarial loss on `online`, reuse it)."""
+        later, earlier = (v.to(x0.device) for v in self.times(index.to(x0.device)))
         if self.kind == "ddpm":
             x_later = self.base.q_sample(x0, later, noise)
         else:
@@ -154,4 +154,9 @@ class Consistency(Distiller):
         with torch.no_grad():
             x_earlier = self.teacher_step(x_later, later, earlier, cond)
             target = self.consistency_function(self.ema, x_earlier, earlier, cond)
+        return online, target
+
+    def training_losses(self, model, x0, t, noise, model_kwargs=None) -> dict:
+        """`t` holds grid indices (from sample_time)."""
+        online, target = self.consistency_pair(model, x0, t, noise, model_kwargs or {})
         return {"loss": distance(online.float(), target.float(), self.loss, self.huber_c)}

@@ -73,7 +73,7 @@ def prepare(preset: str, overrides) -> tuple[DictConfig, str]:
 
     cfg = resolve(preset, overrides)
     if "distill" not in cfg:
-        raise ConfigError(f"preset '{preset}' has no distill section: pass distill.method=kd|consistency|progressive "
+        raise ConfigError(f"preset '{preset}' has no distill section: pass distill.method=kd|consistency|progressive|reflow|dmd2|musiccm "
                           f"distill.teacher=runs/<teacher>")
     teacher = str(cfg.distill.teacher)
     if not Path(teacher).exists():
