@@ -20,7 +20,7 @@ from ..runs import RunDir, checkpoint_name, resolve_checkpoint
 from .layout import PRUNABLE, layout_for
 
 DEPTH_METHODS = ("score", "index", "random", "learnable")
-METHODS = DEPTH_METHODS + ("experts", "width")
+METHODS = DEPTH_METHODS + ("experts", "width", "heads")
 
 
 def log(msg: str) -> None:
@@ -55,6 +55,12 @@ def check_request(cfg: DictConfig, out: Path) -> None:
         check_experts(cfg)
     if p.method == "width" and name != "dit":
         raise ConfigError(f"prune.method=width prunes the MLP channels of a dense DiT (model.name=dit), not '{name}'")
+    if p.method == "heads" and name not in ("dit", "dit-moe"):
+        raise ConfigError(f"prune.method=heads prunes the attention heads of DiT or DiT-MoE, not '{name}'")
+    if p.method == "heads":
+        from .heads import check_heads
+
+        check_heads(cfg)
     if p.method in DEPTH_METHODS:
         from .score import index_units, target_units
 
@@ -157,6 +163,10 @@ def prune(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
         from .experts import prune_experts
 
         small, section, report = prune_experts(model, cfg, calib, batches, log)
+    elif p.method == "heads":
+        from .heads import prune_heads
+
+        small, section, report = prune_heads(model, cfg, calib, batches, log)
     else:
         from .width import prune_width
 
