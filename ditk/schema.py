@@ -95,6 +95,7 @@ class PruneConfig:
     tau_end: float = 0.1  # ... to this (TinyFusion tau-range [4, 0.1])
     logit_scale: float = 100.0  # mask logits = parameter x this (TinyFusion scaling 1e2)
     experts_keep: int = 0  # method=experts: routed experts kept per MoE layer
+    experts_merge: bool = False  # method=experts: merge each dropped expert into its most similar kept one
     mlp_keep: int = 0  # method=width: MLP hidden channels kept per block
     heads_keep: int = 0  # method=heads: attention heads kept per block (on average, with heads_scope=global)
     heads_scope: str = "block"  # method=heads: block (every block its K best) | global (K x depth ranked over all)
