@@ -20,6 +20,7 @@ from ..runs import RunDir, checkpoint_name, resolve_checkpoint
 from .layout import PRUNABLE, layout_for
 
 DEPTH_METHODS = ("score", "index", "random", "learnable")
+TEACHER = "teacher"  # a weights-file source is written as this run inside the pruned one (the recovery's teacher)
 METHODS = DEPTH_METHODS + ("experts", "width", "heads")
 
 
@@ -79,9 +80,11 @@ def check_request(cfg: DictConfig, out: Path) -> None:
     if not source.exists():
         raise ConfigError(f"prune.source '{p.source}' does not exist: pass a run directory, a checkpoints/step-N "
                           "folder or a weights file")
-    if p.recover_steps > 0 and not ((source / "config.yaml").is_file() or (source / "state.pt").is_file()):
-        raise ConfigError(f"prune.recover_steps needs prune.source to be a ditk run (the KD teacher), not {source}: "
-                          "prune without recovery, then `ditk distill` the result")
+
+
+def is_run(source: Path) -> bool:
+    """A ditk run or one of its checkpoints (else a bare weights file: .safetensors, .pt, ...)."""
+    return (source / "config.yaml").is_file() or (source / "state.pt").is_file()
 
 
 def load_source(cfg: DictConfig) -> torch.nn.Module:
@@ -90,7 +93,7 @@ def load_source(cfg: DictConfig) -> torch.nn.Module:
     from ..models.convert import load_initial_weights
 
     source = Path(cfg.prune.source)
-    if (source / "config.yaml").is_file() or (source / "state.pt").is_file():
+    if is_run(source):
         run, _ = resolve_checkpoint(source)
         theirs = model_section(load_run_config(run))
         mine = model_section(cfg)
@@ -114,8 +117,26 @@ def lineage(cfg: DictConfig) -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "made_by": "ditk prune"}
 
 
-def write_run(out: Path, cfg: DictConfig, small: torch.nn.Module, report: dict) -> None:
-    """The pruned run, written into a temporary folder and renamed: a failure leaves nothing behind."""
+def write_teacher(folder: Path, cfg: DictConfig, model: torch.nn.Module) -> None:
+    """A bare weights source as a ditk run (config.yaml = the preset's, one checkpoint holding the EMA weights only),
+    so the recovery's KD can load it as its teacher like any run."""
+    from safetensors.torch import save_file
+
+    from ..runs import write_manifest
+
+    ckpt = folder / "checkpoints" / checkpoint_name(0)
+    ckpt.mkdir(parents=True)
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(ckpt / "ema.safetensors"))
+    write_manifest(ckpt, 0)
+    (folder / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+    (folder / "lineage.json").write_text(json.dumps({**lineage(cfg), "made_by": "ditk prune (the weights file "
+                                                     "prune.source as the recovery's KD teacher)"}, indent=2) + "\n")
+
+
+def write_run(out: Path, cfg: DictConfig, small: torch.nn.Module, report: dict, teacher=None) -> None:
+    """The pruned run, written into a temporary folder and renamed: a failure leaves nothing behind. `teacher`
+    (config, model): also write the source as the run `teacher/` inside it (recovery from a bare weights file)."""
     from diffusers.optimization import get_scheduler
     from safetensors.torch import save_file
 
@@ -140,6 +161,8 @@ def write_run(out: Path, cfg: DictConfig, small: torch.nn.Module, report: dict) 
         (tmp / "checkpoints" / "latest").write_text(ckpt.name + "\n")
         (tmp / "pruning.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "lineage.json").write_text(json.dumps(lineage(cfg), indent=2) + "\n")
+        if teacher is not None:
+            write_teacher(tmp / TEACHER, *teacher)
 
 
 def prune(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
@@ -184,11 +207,17 @@ def prune(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
     new_cfg = OmegaConf.to_container(cfg, resolve=True)
     new_cfg["model"] = {"name": cfg.model.name, **section}
     new_cfg["train"]["init_from"] = ""
+    bare = not is_run(Path(p.source))
     if p.recover_steps > 0:
         from .recover import recovery_sections
 
         block_map = report.get("kept_blocks") or list(range(len(small.blocks)))
-        distill, changes, note = recovery_sections(cfg, block_map)
+        # A weights file has no run to serve as the KD teacher: the source is written as one inside the pruned run.
+        teacher = (out / TEACHER).resolve() if bare else Path(p.source).resolve()
+        if bare:
+            log(f"recovery teacher: {p.source} (weights) as the run {out / TEACHER} (its EMA weights, the preset's "
+                "config)")
+        distill, changes, note = recovery_sections(cfg, block_map, teacher)
         new_cfg["distill"] = distill
         new_cfg["optim"]["lr"] = changes["lr"]
         new_cfg["train"]["max_steps"] = changes["max_steps"]
@@ -198,7 +227,7 @@ def prune(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
 
     new_cfg = validate(OmegaConf.create(new_cfg))
     report["seconds"] = round(time.perf_counter() - start, 2)
-    write_run(out, new_cfg, small, report)
+    write_run(out, new_cfg, small, report, teacher=(cfg, model) if bare and p.recover_steps > 0 else None)
     log(f"wrote {out}: {report['params_before']:,} -> {report['params_after']:,} parameters, "
         f"{report['gflops_before']:.4f} -> {report['gflops_after']:.4f} GFLOPs per image")
     if p.recover_steps > 0:
