@@ -93,7 +93,9 @@ class PruneConfig:
     lora_alpha: float = 16.0  # LoRA scale alpha / rank (TinyFusion: alpha = 2 * rank)
     tau_start: float = 4.0  # Gumbel-softmax temperature, annealed linearly ...
     tau_end: float = 0.1  # ... to this (TinyFusion tau-range [4, 0.1])
-    logit_scale: float = 100.0  # mask logits = parameter x this (TinyFusion scaling 1e2)
+    logit_scale: float = 100.0  # mask logits = parameter x this (TinyFusion scaling 1e2) ...
+    logit_scale_end: float = 0.0  # ... annealed linearly to this when > 0 (TinyFusion --scaling-range; 0: constant)
+    mask_ema_decay: float = 0.999  # learnable: the exported mask is the argmax of this EMA of the logits (TinyFusion)
     experts_keep: int = 0  # method=experts: routed experts kept per MoE layer
     experts_merge: bool = False  # method=experts: merge each dropped expert into its most similar kept one
     mlp_keep: int = 0  # method=width: MLP hidden channels kept per block

@@ -72,6 +72,9 @@ def check_request(cfg: DictConfig, out: Path) -> None:
             index_units(layout, list(p.keep_indices))
         else:
             target_units(layout, int(p.keep), str(p.pattern))
+    if p.method == "learnable" and not (0 <= p.mask_ema_decay < 1 and p.logit_scale > 0 and p.logit_scale_end >= 0):
+        raise ConfigError("prune.mask_ema_decay must lie in [0, 1), prune.logit_scale be > 0 and prune.logit_scale_end "
+                          ">= 0 (0 = constant scaling)")
     if p.recover_steps < 0 or p.calib_batches < 1 or p.calib_batch_size < 1:
         raise ConfigError("prune.recover_steps must be >= 0 and prune.calib_batches / calib_batch_size >= 1")
     if RunDir(out).config.is_file() or (out.exists() and any(out.iterdir())):
