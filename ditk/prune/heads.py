@@ -7,7 +7,9 @@ and the same d columns of `attn.proj`. Its importance is
     I_h = |sum over the head's parameters w of  w * dL/dw|,   dL summed over the calibration batches
 
 i.e. |dL(s)/ds| at s = 1 when all of the head's parameters are multiplied by s: the first-order estimate of the
-loss change when the head is removed (s = 0). The calibration batches carry the objective's random timesteps, so
+loss change when the head is removed (s = 0). This is the group-level ("multivariable") Taylor criterion, as ditk's
+MLP width pruning uses; Torch-Pruning's default TaylorImportance (which Diff-Pruning calls) sums |w * dL/dw|
+element-wise instead, an upper bound that ignores cancellations within the head. The calibration batches carry the objective's random timesteps, so
 the gradient is accumulated over timesteps as in Diff-Pruning (not done: its skipping of timesteps whose loss
 change is below a threshold; every calibration timestep counts).
 
