@@ -4,7 +4,8 @@
     python benchmarks/bench_prune.py [--source runs/digits-dit-deep] [--recover-steps 200] [--num 400] [--steps 50]
 
 For the source and for each method (TinyFusion `learnable` 1:2 and 4-of-8, `score` with Block Influence and with the oracle
-loss increase, `index` = the first 4 blocks, `random`), prunes with `ditk prune digits-dit-prune` plus
+loss increase, `index` = the first 4 blocks, `random`; and attention-head pruning `heads`, 2 of 4 heads per block or
+16 of the 32 ranked over all blocks, at full depth), prunes with `ditk prune digits-dit-prune` plus
 `prune.recover_steps` of KD, then measures in this one process: digits FID (digits extractor, against the 1,618
 training digits) of the pruned model before recovery (checkpoint step 0) and after it (the EMA at the last
 step), parameters, GFLOPs per image (torch flop counter) and sampling seconds per image (--steps DDPM steps,
@@ -25,6 +26,10 @@ ROWS = [  # (label, run name, overrides)
     ("score: oracle loss", "score-oracle", ["prune.method=score", "prune.criterion=oracle"]),
     ("index: first 4", "index-first4", ["prune.method=index", "prune.keep_indices=[0,1,2,3]", "prune.keep=0"]),
     ("random (seed 0)", "random", ["prune.method=random"]),
+    # width, not depth: half the attention heads (2 of 4) by Taylor importance, every block / ranked globally
+    ("heads: Taylor, 2 of 4 per block", "heads-block", ["prune.method=heads", "prune.heads_keep=2"]),
+    ("heads: Taylor, 16 of 32 global", "heads-global", ["prune.method=heads", "prune.heads_keep=2",
+                                                         "prune.heads_scope=global"]),
 ]
 
 
@@ -91,7 +96,8 @@ def main():
                            args.steps)
         after, spi = fid_of(str(run.latest_checkpoint()), ref, handle, args.num, root / f"samples-{name}-rec",
                               args.steps)
-        rows.append({"method": label, "kept": report["kept_blocks"], "params": report["params_after"],
+        kept = report.get("kept_blocks") or f"heads {report['block_heads']}"
+        rows.append({"method": label, "kept": kept, "params": report["params_after"],
                      "params_before": report["params_before"], "gflops": report["gflops_after"],
                      "gflops_before": report["gflops_before"], "fid_before": before, "fid_after": after,
                      "s_per_image": spi, "prune_and_recover_seconds": round(seconds, 1)})

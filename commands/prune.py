@@ -24,6 +24,8 @@ def command(preset, overrides, run_dir, no_progress):
       learnable  TinyFusion: Gumbel N:M mask search co-trained with LoRA
       experts    DiT-MoE: drop the least-used routed experts (prune.experts_keep=N)
       width      Taylor importance of MLP channels (prune.mlp_keep=N channels per block)
+      heads      Taylor importance of attention heads (prune.heads_keep=K per block; prune.heads_scope=global
+                 ranks K x depth heads over all blocks, so blocks keep different counts)
     Depth target: prune.keep=N blocks, or prune.pattern=N:M (keep N of every M).
     prune.recover_steps=N fine-tunes the pruned model with the source as teacher (KD).
 

@@ -77,7 +77,7 @@ class SampleConfig:
 class PruneConfig:
     """`ditk prune` (ditk.prune): what to prune, how, and the recovery fine-tune (an optional section)."""
     source: str = ""  # the run (or its checkpoints/step-N folder, or an official weights file) to prune
-    method: str = "score"  # score | index | random | learnable | experts | width
+    method: str = "score"  # score | index | random | learnable | experts | width | heads
     criterion: str = "bi"  # score: bi (Block Influence) | oracle (loss increase when the block is removed)
     keep: int = 0  # depth target: blocks to keep ...
     pattern: str = ""  # ... or N:M = keep N of every M consecutive blocks (TinyFusion 2:4 = 28 -> 14)
@@ -93,9 +93,14 @@ class PruneConfig:
     lora_alpha: float = 16.0  # LoRA scale alpha / rank (TinyFusion: alpha = 2 * rank)
     tau_start: float = 4.0  # Gumbel-softmax temperature, annealed linearly ...
     tau_end: float = 0.1  # ... to this (TinyFusion tau-range [4, 0.1])
-    logit_scale: float = 100.0  # mask logits = parameter x this (TinyFusion scaling 1e2)
+    logit_scale: float = 100.0  # mask logits = parameter x this (TinyFusion scaling 1e2) ...
+    logit_scale_end: float = 0.0  # ... annealed linearly to this when > 0 (TinyFusion --scaling-range; 0: constant)
+    mask_ema_decay: float = 0.999  # learnable: the exported mask is the argmax of this EMA of the logits (TinyFusion)
     experts_keep: int = 0  # method=experts: routed experts kept per MoE layer
+    experts_merge: bool = False  # method=experts: merge each dropped expert into its most similar kept one
     mlp_keep: int = 0  # method=width: MLP hidden channels kept per block
+    heads_keep: int = 0  # method=heads: attention heads kept per block (on average, with heads_scope=global)
+    heads_scope: str = "block"  # method=heads: block (every block its K best) | global (K x depth ranked over all)
     recover_steps: int = 0  # fine-tune the pruned model this many steps with the source as teacher (KD)
     recover_lr: float = 0.0  # 0: optim.lr x train.global_batch_size / lr_reference_batch (linear scaling)
     lr_reference_batch: int = 256  # the global batch optim.lr was tuned for

@@ -110,12 +110,23 @@ def test_recovery_fine_tunes_with_kd_from_the_source_at_a_scaled_lr(source):
     assert not torch.equal(before["blocks.0.attn.qkv.weight"], after["blocks.0.attn.qkv.weight"])
 
 
-def test_recovery_needs_a_run_as_teacher(source, tmp_path):
+def test_recovery_from_a_bare_weights_file_uses_it_as_the_teacher(source, tmp_path):
     weights = tmp_path / "w.safetensors"
     weights.write_bytes((source / "src" / "checkpoints" / "step-000003" / "ema.safetensors").read_bytes())
-    proc = invoke_ditk("prune", "digits-dit", *SMALL, f"prune.source={weights}", "prune.keep=2",
-                       "prune.recover_steps=2", f"run.dir={source}", "run.name=norun")
-    assert proc.returncode == 2 and "ditk run" in proc.stderr and not (source / "norun").exists()
+    proc = invoke_ditk("prune", "digits-dit", *SMALL, *PRUNE, f"prune.source={weights}", "prune.keep=2",
+                       "prune.recover_steps=2", f"run.dir={source}", "run.name=bare", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = source / "bare"
+    from ditk.config import load_run_config
+    from ditk.distill.base import load_teacher
+
+    cfg = load_run_config(out)
+    assert cfg.distill.teacher == str((out / "teacher").resolve())
+    teacher, _ = load_teacher(cfg.distill.teacher)  # the weights file, as a run: exactly its tensors
+    src = load_file(str(weights))
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in src.items())
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert json.loads((out / "teacher" / "lineage.json").read_text())["parent"] == str(weights)
 
 
 def test_ditk_distill_kd_accepts_a_pruned_run_as_student(source):

@@ -180,3 +180,25 @@ def test_per_sample_tensor_gates_mix_full_and_bypassed_rows(name):
             mixed = model(x, t, **cond)
     torch.testing.assert_close(mixed[0], full[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(mixed[1], bypassed[1], atol=1e-6, rtol=0)
+
+
+def test_tinyfusion_paper_command_line_passes_every_check(tmp_path):
+    """The preset's documented end-to-end command (search + prune + KD recovery from the official .pt) is accepted
+    as written: the mask EMA and scaling are TinyFusion's, the KD LR is 2e-4 at its own batch."""
+    from ditk.config import resolve
+    from ditk.prune.recover import recovery_lr
+    from ditk.prune.run import check_request
+
+    (tmp_path / "DiT-XL-2-256x256.pt").write_bytes(b"")
+    for d in ("imagenet/train", "sd-vae-ft-ema"):
+        (tmp_path / d).mkdir(parents=True)
+    cfg = resolve("tinyfusion-dit-xl-2-2to4", [f"prune.source={tmp_path / 'DiT-XL-2-256x256.pt'}",
+                                               f"data.path={tmp_path / 'imagenet/train'}",
+                                               f"autoencoder.path={tmp_path / 'sd-vae-ft-ema'}",
+                                               "prune.recover_steps=1000"])
+    check_request(cfg, tmp_path / "runs" / "tinyfusion")
+    p = cfg.prune
+    assert (p.method, p.pattern, p.mask_ema_decay, p.logit_scale, p.logit_scale_end) == ("learnable", "2:4", 0.999, 100.0, 100.0)
+    assert (p.tau_start, p.tau_end, p.lora_rank, p.lora_alpha, p.search_batch_size) == (4.0, 0.1, 8, 16.0, 128)
+    assert recovery_lr(cfg)[0] == pytest.approx(2e-4)
+    assert not (tmp_path / "runs").exists()

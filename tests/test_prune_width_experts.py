@@ -115,6 +115,13 @@ def test_experts_and_width_through_the_cli(tmp_path):
     assert report["activated_params_after"] < report["activated_params_before"]
     assert report["params_after"] < report["params_before"]
     assert invoke_ditk("sample", tmp_path / "moe3", "--num", 2, "--steps", 2, "--no-progress").returncode == 0
+    proc = invoke_ditk("prune", "digits-dit-moe", *moe, *common, f"prune.source={tmp_path / 'moe'}",
+                       "prune.method=experts", "prune.experts_keep=3", "prune.experts_merge=true", "run.name=moe3m")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = json.loads((tmp_path / "moe3m" / "pruning.json").read_text())
+    assert merged["merge"] and merged["params_after"] == report["params_after"]
+    for groups, kept in zip(merged["merged_groups"], merged["kept_experts"]):  # every expert lands in one group
+        assert [g[0] for g in groups] == kept and sorted(e for g in groups for e in g) == list(range(4))
     bad = invoke_ditk("prune", "digits-dit-moe", *moe, *common, f"prune.source={tmp_path / 'moe'}",
                       "prune.method=experts", "prune.experts_keep=1", "run.name=moe1")
     assert bad.returncode == 2 and "top_k" in bad.stderr and not (tmp_path / "moe1").exists()

@@ -7,7 +7,8 @@ attention is `ditk.models.layers.Attention` (SDPA + hook points), and CFG lives 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List
 
 import torch
 import torch.nn as nn
@@ -49,6 +50,9 @@ class DiTConfig:
     num_classes: int = 1000  # 0 = unconditional: no label embedding, no `y`
     class_dropout_prob: float = 0.1  # > 0 adds the null-label row used for classifier-free guidance
     learn_sigma: bool = True  # output 2C channels: eps (or velocity) then the variance interpolation
+    # Attention heads per block (a head-pruned model, `ditk prune prune.method=heads`); empty = num_heads in every
+    # block. The head width stays hidden_size / num_heads, so a block with fewer heads has narrower qkv / proj.
+    block_heads: List[int] = field(default_factory=list)
 
 
 def dit_size_config(size: str, patch_size: int = 2, **overrides) -> DiTConfig:
@@ -57,6 +61,17 @@ def dit_size_config(size: str, patch_size: int = 2, **overrides) -> DiTConfig:
         raise ConfigError(f"unknown DiT size '{size}': choose one of {', '.join(DIT_SIZES)}")
     depth, hidden_size, num_heads = DIT_SIZES[size]
     return DiTConfig(patch_size=patch_size, depth=depth, hidden_size=hidden_size, num_heads=num_heads, **overrides)
+
+
+def check_block_heads(block_heads, depth: int) -> list[int]:
+    """`model.block_heads` as a list of ints: empty, or one head count >= 1 per block."""
+    heads = [int(h) for h in (block_heads or [])]
+    if heads and len(heads) != depth:
+        raise ConfigError(f"model.block_heads has {len(heads)} entries but model.depth={depth}: give one head count "
+                          "per block, or [] for model.num_heads everywhere")
+    if any(h < 1 for h in heads):
+        raise ConfigError(f"model.block_heads={heads}: every block needs at least 1 attention head")
+    return heads
 
 
 class DiTBlock(nn.Module):
@@ -101,6 +116,7 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
+        block_heads: list[int] | None = None,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -116,6 +132,9 @@ class DiT(nn.Module):
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.mlp_ratio = mlp_ratio
+        self.block_heads = check_block_heads(block_heads, depth)
+        if self.block_heads and hidden_size % num_heads:
+            raise ConfigError(f"hidden size {hidden_size} is not divisible by num_heads {num_heads}: pick a divisor")
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -128,9 +147,17 @@ class DiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
+    def heads_of(self, index: int) -> int:
+        """Attention heads of block `index` (num_heads unless the model was head-pruned)."""
+        return self.block_heads[index] if self.block_heads else self.num_heads
+
     def make_block(self, index: int) -> nn.Module:
         """Block `index` of the stack; variants (DiT-MoE) override this and reuse everything else."""
-        return DiTBlock(self.hidden_size, self.num_heads, mlp_ratio=self.mlp_ratio)
+        heads = self.heads_of(index)
+        if heads == self.num_heads:  # the usual block (timm's Attention layout)
+            return DiTBlock(self.hidden_size, self.num_heads, mlp_ratio=self.mlp_ratio)
+        attn = Attention(self.hidden_size, heads, qkv_bias=True, head_dim=self.hidden_size // self.num_heads)
+        return DiTBlock(self.hidden_size, heads, mlp_ratio=self.mlp_ratio, attn=attn)
 
     def initialize_weights(self) -> None:
         # Transformer linears: xavier-uniform weights, zero biases (as in ViT/MAE).

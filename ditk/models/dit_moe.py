@@ -215,8 +215,8 @@ class QKNormAttention(Attention):
     before the dot product: the official DiT-MoE XL/G attention (`FlashSelfMHAModified(qk_norm=True)`).
     The hooks see q and k after the normalisation."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias)
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, head_dim: int | None = None):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, head_dim=head_dim)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
 
@@ -226,7 +226,7 @@ class QKNormAttention(Attention):
         q, k, v = qkv.unbind(0)
         q, k, v = self.q_hook(self.q_norm(q)), self.k_hook(self.k_norm(k)), self.v_hook(v)
         x = F.scaled_dot_product_attention(q, k, v)
-        x = self.out_hook(x.transpose(1, 2).reshape(n, t, d))
+        x = self.out_hook(x.transpose(1, 2).reshape(n, t, self.inner_dim))
         return self.proj(x)
 
 
@@ -253,9 +253,14 @@ class DiTMoE(DiT):
 
     def make_block(self, index: int) -> nn.Module:
         d = self.hidden_size
-        attn = QKNormAttention(d, self.num_heads) if self.qk_norm else None
+        heads, head_dim = self.heads_of(index), d // self.num_heads
+        # Construction order as before per-block heads existed (seeded inits unchanged): the QK-norm attention
+        # before the experts, the plain attention after them.
+        attn = QKNormAttention(d, heads, head_dim=head_dim) if self.qk_norm else None
         moe = SparseMoE(d, mlp_ratio=self.mlp_ratio, **self.moe_options)
-        return DiTBlock(d, self.num_heads, attn=attn, mlp=moe)
+        if attn is None:
+            attn = Attention(d, heads, qkv_bias=True, head_dim=head_dim)
+        return DiTBlock(d, heads, attn=attn, mlp=moe)
 
     def initialize_weights(self) -> None:
         super().initialize_weights()  # experts/shared: xavier (nn.Linear); router keeps kaiming-uniform

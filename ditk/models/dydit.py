@@ -350,6 +350,9 @@ class DyDiT(DiT):
             raise ConfigError("model.flops_loss_weight, budget_warmup and budget_hold must be >= 0")
         if router_hidden_ratio < 1 or gate_tau <= 0:
             raise ConfigError("model.router_hidden_ratio must be >= 1 and model.gate_tau > 0")
+        if dit_kwargs.get("block_heads"):
+            raise ConfigError("model.block_heads (a head-pruned DiT) is not supported by DyDiT, whose width routers "
+                              "gate a fixed set of heads: leave model.block_heads=[]")
         heads = int(dit_kwargs.get("num_heads", 16))
         mlp_hidden = int(int(dit_kwargs.get("hidden_size", 1152)) * float(dit_kwargs.get("mlp_ratio", 4.0)))
         if dynamic_width and (heads < 2 or mlp_hidden % heads):

@@ -150,17 +150,26 @@ class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (timm's layout and names: `qkv`, `proj`).
 
     Hook points: `q_hook`, `k_hook`, `v_hook` see (N, heads, T, head_dim) after the qkv split;
-    `out_hook` sees the attention output (N, T, D) before the output projection.
+    `out_hook` sees the attention output (N, T, heads * head_dim) before the output projection.
+
+    `head_dim` given: `num_heads` heads of that width, which need not fill `dim` (a head-pruned block keeps the
+    source's head width but fewer heads: qkv (dim -> 3 * heads * head_dim), proj (heads * head_dim -> dim)).
+    Default: head_dim = dim / num_heads, timm's layout.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, head_dim: int | None = None):
         super().__init__()
-        if dim % num_heads:
-            raise ConfigError(f"hidden size {dim} is not divisible by num_heads {num_heads}: pick a divisor")
+        if head_dim is None:
+            if dim % num_heads:
+                raise ConfigError(f"hidden size {dim} is not divisible by num_heads {num_heads}: pick a divisor")
+            head_dim = dim // num_heads
+        if num_heads < 1:
+            raise ConfigError(f"an attention layer needs at least 1 head, not {num_heads}")
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.head_dim = head_dim
+        self.inner_dim = num_heads * head_dim  # = dim unless heads were pruned
+        self.qkv = nn.Linear(dim, self.inner_dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(self.inner_dim, dim)
         self.q_hook = HookPoint()
         self.k_hook = HookPoint()
         self.v_hook = HookPoint()
@@ -173,7 +182,7 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         q, k, v = self.q_hook(q), self.k_hook(k), self.v_hook(v)
         x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
-        x = self.out_hook(x.transpose(1, 2).reshape(n, t, d))
+        x = self.out_hook(x.transpose(1, 2).reshape(n, t, self.inner_dim))
         return self.proj(x)
 
 

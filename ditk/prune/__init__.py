@@ -4,5 +4,5 @@ One file per job: `layout` (which blocks a backbone may lose and how its config 
 bypass / gating through `ditk.hooks`), `surgery` (kept blocks -> new config section + renamed weights),
 `calib` (calibration batches and the diffusion loss), `score` (Block Influence, oracle loss increase, index,
 random), `learnable` (TinyFusion's Gumbel N:M search with LoRA), `experts` (DiT-MoE expert pruning), `width`
-(Taylor MLP-channel pruning), `recover` (fine-tuning the pruned model), `run` (the command's steps).
+(Taylor MLP-channel pruning), `heads` (Taylor attention-head pruning), `recover` (fine-tuning the pruned model), `run` (the command's steps).
 """

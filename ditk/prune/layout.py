@@ -96,6 +96,8 @@ def pruned_section(model_name: str, section: dict, kept: list[int]) -> dict:
     n = len(kept)
     if model_name in ("dit", "dit-moe", "dydit"):
         out["depth"] = n
+        if section.get("block_heads"):  # a head-pruned source: the kept blocks keep their head counts
+            out["block_heads"] = [int(section["block_heads"][i]) for i in kept]
     elif model_name == "dis":
         out["depth"] = n - 1
     elif model_name == "diffusion-rwkv":

@@ -20,7 +20,8 @@ from ..runs import RunDir, checkpoint_name, resolve_checkpoint
 from .layout import PRUNABLE, layout_for
 
 DEPTH_METHODS = ("score", "index", "random", "learnable")
-METHODS = DEPTH_METHODS + ("experts", "width")
+TEACHER = "teacher"  # a weights-file source is written as this run inside the pruned one (the recovery's teacher)
+METHODS = DEPTH_METHODS + ("experts", "width", "heads")
 
 
 def log(msg: str) -> None:
@@ -55,6 +56,12 @@ def check_request(cfg: DictConfig, out: Path) -> None:
         check_experts(cfg)
     if p.method == "width" and name != "dit":
         raise ConfigError(f"prune.method=width prunes the MLP channels of a dense DiT (model.name=dit), not '{name}'")
+    if p.method == "heads" and name not in ("dit", "dit-moe"):
+        raise ConfigError(f"prune.method=heads prunes the attention heads of DiT or DiT-MoE, not '{name}'")
+    if p.method == "heads":
+        from .heads import check_heads
+
+        check_heads(cfg)
     if p.method in DEPTH_METHODS:
         from .score import index_units, target_units
 
@@ -65,6 +72,9 @@ def check_request(cfg: DictConfig, out: Path) -> None:
             index_units(layout, list(p.keep_indices))
         else:
             target_units(layout, int(p.keep), str(p.pattern))
+    if p.method == "learnable" and not (0 <= p.mask_ema_decay < 1 and p.logit_scale > 0 and p.logit_scale_end >= 0):
+        raise ConfigError("prune.mask_ema_decay must lie in [0, 1), prune.logit_scale be > 0 and prune.logit_scale_end "
+                          ">= 0 (0 = constant scaling)")
     if p.recover_steps < 0 or p.calib_batches < 1 or p.calib_batch_size < 1:
         raise ConfigError("prune.recover_steps must be >= 0 and prune.calib_batches / calib_batch_size >= 1")
     if RunDir(out).config.is_file() or (out.exists() and any(out.iterdir())):
@@ -73,9 +83,11 @@ def check_request(cfg: DictConfig, out: Path) -> None:
     if not source.exists():
         raise ConfigError(f"prune.source '{p.source}' does not exist: pass a run directory, a checkpoints/step-N "
                           "folder or a weights file")
-    if p.recover_steps > 0 and not ((source / "config.yaml").is_file() or (source / "state.pt").is_file()):
-        raise ConfigError(f"prune.recover_steps needs prune.source to be a ditk run (the KD teacher), not {source}: "
-                          "prune without recovery, then `ditk distill` the result")
+
+
+def is_run(source: Path) -> bool:
+    """A ditk run or one of its checkpoints (else a bare weights file: .safetensors, .pt, ...)."""
+    return (source / "config.yaml").is_file() or (source / "state.pt").is_file()
 
 
 def load_source(cfg: DictConfig) -> torch.nn.Module:
@@ -84,7 +96,7 @@ def load_source(cfg: DictConfig) -> torch.nn.Module:
     from ..models.convert import load_initial_weights
 
     source = Path(cfg.prune.source)
-    if (source / "config.yaml").is_file() or (source / "state.pt").is_file():
+    if is_run(source):
         run, _ = resolve_checkpoint(source)
         theirs = model_section(load_run_config(run))
         mine = model_section(cfg)
@@ -108,8 +120,26 @@ def lineage(cfg: DictConfig) -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "made_by": "ditk prune"}
 
 
-def write_run(out: Path, cfg: DictConfig, small: torch.nn.Module, report: dict) -> None:
-    """The pruned run, written into a temporary folder and renamed: a failure leaves nothing behind."""
+def write_teacher(folder: Path, cfg: DictConfig, model: torch.nn.Module) -> None:
+    """A bare weights source as a ditk run (config.yaml = the preset's, one checkpoint holding the EMA weights only),
+    so the recovery's KD can load it as its teacher like any run."""
+    from safetensors.torch import save_file
+
+    from ..runs import write_manifest
+
+    ckpt = folder / "checkpoints" / checkpoint_name(0)
+    ckpt.mkdir(parents=True)
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(ckpt / "ema.safetensors"))
+    write_manifest(ckpt, 0)
+    (folder / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+    (folder / "lineage.json").write_text(json.dumps({**lineage(cfg), "made_by": "ditk prune (the weights file "
+                                                     "prune.source as the recovery's KD teacher)"}, indent=2) + "\n")
+
+
+def write_run(out: Path, cfg: DictConfig, small: torch.nn.Module, report: dict, teacher=None) -> None:
+    """The pruned run, written into a temporary folder and renamed: a failure leaves nothing behind. `teacher`
+    (config, model): also write the source as the run `teacher/` inside it (recovery from a bare weights file)."""
     from diffusers.optimization import get_scheduler
     from safetensors.torch import save_file
 
@@ -134,6 +164,8 @@ def write_run(out: Path, cfg: DictConfig, small: torch.nn.Module, report: dict) 
         (tmp / "checkpoints" / "latest").write_text(ckpt.name + "\n")
         (tmp / "pruning.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "lineage.json").write_text(json.dumps(lineage(cfg), indent=2) + "\n")
+        if teacher is not None:
+            write_teacher(tmp / TEACHER, *teacher)
 
 
 def prune(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
@@ -157,6 +189,10 @@ def prune(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
         from .experts import prune_experts
 
         small, section, report = prune_experts(model, cfg, calib, batches, log)
+    elif p.method == "heads":
+        from .heads import prune_heads
+
+        small, section, report = prune_heads(model, cfg, calib, batches, log)
     else:
         from .width import prune_width
 
@@ -174,11 +210,17 @@ def prune(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
     new_cfg = OmegaConf.to_container(cfg, resolve=True)
     new_cfg["model"] = {"name": cfg.model.name, **section}
     new_cfg["train"]["init_from"] = ""
+    bare = not is_run(Path(p.source))
     if p.recover_steps > 0:
         from .recover import recovery_sections
 
         block_map = report.get("kept_blocks") or list(range(len(small.blocks)))
-        distill, changes, note = recovery_sections(cfg, block_map)
+        # A weights file has no run to serve as the KD teacher: the source is written as one inside the pruned run.
+        teacher = (out / TEACHER).resolve() if bare else Path(p.source).resolve()
+        if bare:
+            log(f"recovery teacher: {p.source} (weights) as the run {out / TEACHER} (its EMA weights, the preset's "
+                "config)")
+        distill, changes, note = recovery_sections(cfg, block_map, teacher)
         new_cfg["distill"] = distill
         new_cfg["optim"]["lr"] = changes["lr"]
         new_cfg["train"]["max_steps"] = changes["max_steps"]
@@ -188,7 +230,7 @@ def prune(cfg: DictConfig, out: Path, progress: bool = True) -> dict:
 
     new_cfg = validate(OmegaConf.create(new_cfg))
     report["seconds"] = round(time.perf_counter() - start, 2)
-    write_run(out, new_cfg, small, report)
+    write_run(out, new_cfg, small, report, teacher=(cfg, model) if bare and p.recover_steps > 0 else None)
     log(f"wrote {out}: {report['params_before']:,} -> {report['params_after']:,} parameters, "
         f"{report['gflops_before']:.4f} -> {report['gflops_after']:.4f} GFLOPs per image")
     if p.recover_steps > 0:
