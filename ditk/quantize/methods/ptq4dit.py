@@ -54,7 +54,7 @@ def ssc_salience(per_t: dict, weight: torch.Tensor) -> tuple[torch.Tensor, dict]
 DEFAULTS = {"ssc": True, "recon": True, "recon_steps": 200}  # ssc=false: CSB with the salience over all timesteps at once
 
 
-@PTQ_METHODS.register("ptq4dit", help="PTQ4DiT: channel-wise salience balancing with Spearman-guided timestep calibration")
+@PTQ_METHODS.register("ptq4dit", help="PTQ4DiT: channel-wise salience balancing with Spearman-guided timestep calibration, then AdaRound block reconstruction")
 def ptq4dit(model, layers, inputs, wbits=None, abits=None, group_size=None, options=None, log=print):
     opts = merge_options(DEFAULTS, options, "ptq4dit")
     wb = check_bits(8 if wbits is None else wbits, "--wbits", 2, 8)

@@ -180,7 +180,7 @@ DEFAULTS = {"dim": 4, "candidates": 4, "steps": 300, "lr": 3e-2, "reg": 3.0, "km
             "max_codebook": 4096, "block": True, "block_steps": 200, "block_lr": 1e-2}
 
 
-@PTQ_METHODS.register("vq4dit", help="VQ4DiT: per-layer k-means codebooks + calibrated candidate assignments (W2A16)")
+@PTQ_METHODS.register("vq4dit", help="VQ4DiT: per-layer k-means codebooks + candidate assignments calibrated per layer, then per block (W2A16)")
 def vq4dit(model, layers, inputs, wbits=None, abits=None, group_size=None, options=None, log=print):
     opts = merge_options(DEFAULTS, options, "vq4dit")
     wb = check_bits(2 if wbits is None else wbits, "--wbits", 1, 4)
