@@ -149,6 +149,36 @@ print(json.dumps(res))
 """
 
 
+RSS_CODE = """
+import gc, json, sys, torch
+from ditk.generate import load_pipeline
+def rss_mb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+base = rss_mb()  # torch and ditk imported, nothing loaded
+pipe = load_pipeline(sys.argv[1], device="cpu")
+gc.collect()
+print(json.dumps({"rss_before_load_mb": round(base, 1), "rss_after_load_mb": round(rss_mb(), 1)}))
+"""
+
+
+def resident_memory(run: str, work: Path, wanted: list) -> None:
+    """--memory: the resident set of a process once the model is loaded (fresh process per row, after gc), minus
+    the same process before loading: what holding the model costs (the peak RSS of sampling also holds torch's
+    run-time buffers and, for quantized folders, the full-precision model built before the quantized weights are
+    assigned to it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    print("\n| DiT-S/2 row | RSS before loading (MB) | RSS with the model loaded (MB) | difference (MB) |")
+    print("|---|---|---|---|")
+    for name in wanted:
+        folder = Path(run) if name == "fp32" else work / slug_of(name)
+        proc = subprocess.run([sys.executable, "-c", RSS_CODE, str(folder)], capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise SystemExit(f"--memory {name} failed:\n{proc.stderr[-2000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"| {name} | {r['rss_before_load_mb']} | {r['rss_after_load_mb']} | "
+              f"{r['rss_after_load_mb'] - r['rss_before_load_mb']:.1f} |", flush=True)
+
+
 def bench_dit_s2(run: str, work: Path, steps: int, num: int, calib_num: int, calib_timesteps: int,
                  wanted: list) -> list[dict]:
     """Output distance of every row on a trained DiT-S/2 run: the final samples after `steps` DDIM steps (the
@@ -289,12 +319,16 @@ def main() -> None:
     ap.add_argument("--dit-images", type=int, default=16, help="DiT-S/2: images sampled per row")
     ap.add_argument("--dit-calib-num", type=int, default=8)
     ap.add_argument("--dit-calib-timesteps", type=int, default=4)
+    ap.add_argument("--memory", action="store_true", help="DiT-S/2: only the resident memory of the already "
+                    "quantized --dit-rows folders once loaded (fresh process each)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     dit_wanted = [r.strip() for r in args.dit_rows.split(",") if r.strip()]
     sampler = [*(["--solver", args.solver] if args.solver else []), *(["--steps", args.steps] if args.steps else [])]
+    if args.memory:
+        return resident_memory(args.dit_run, work / "dit-s2", dit_wanted)
     if args.dit_run:  # first: its rows are quick
         bench_dit_s2(args.dit_run, work / "dit-s2", args.dit_steps, args.dit_images, args.dit_calib_num,
                      args.dit_calib_timesteps, dit_wanted)
