@@ -13,6 +13,9 @@ samples --dit-images images with --dit-steps DDIM steps from the same noise in a
 relative L2 / PSNR of its samples to the full-precision ones, time per image and that process's peak RSS.
 Each measured row is saved under WORK/rows/ (WORK/dit-s2/rows/); a rerun of an interrupted benchmark reuses them.
 
+Every ditk command runs in a fresh process and this one never imports torch: on Linux a child's getrusage peak
+RSS starts at its parent's, so a large parent would mask the children's figures (DiT-S/2 rows read VmHWM instead).
+
 Real rows (torchao) are real quantized weights; simulated rows are fake-quant: their time and memory are not
 a claim about a deployed model. Prints one JSON object per row, then a Markdown table.
 """
@@ -113,6 +116,12 @@ def dit_rows():
     return rows
 
 
+def cli_args(kw: dict) -> list:
+    flags = {"scheme": "--scheme", "method": "--simulate", "wbits": "--wbits", "abits": "--abits", "group_size": "--group-size"}
+    out = [x for k, v in kw.items() if k in flags for x in (flags[k], v)]
+    return out + [x for k, v in (kw.get("options") or {}).items() for x in ("--opt", f"{k}={json.dumps(v)}")]
+
+
 def ordered(rows: list, wanted: list) -> list:
     """The rows named in `wanted`, in that order (all rows when it is empty); an unknown name is an error."""
     if not wanted:
@@ -129,7 +138,7 @@ def slug_of(name: str) -> str:
 
 
 DIT_ROW_CODE = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from ditk.generate import load_pipeline, sample_images
 torch.set_num_threads(1)
 folder, num, ref, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -138,7 +147,9 @@ sample_images(pipe, list(range(min(num, 2))))  # warm-up: one-off costs
 start = time.perf_counter()
 x = sample_images(pipe, list(range(num)))
 secs = time.perf_counter() - start
-res = {"s_per_image": round(secs / num, 4), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+# VmHWM: this process's own peak (getrusage's ru_maxrss is inherited from the parent across fork + exec on Linux)
+hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
+res = {"s_per_image": round(secs / num, 4), "peak_rss_mb": round(hwm, 1)}
 if ref == "-":
     torch.save(x, out)
 else:
@@ -201,13 +212,9 @@ def bench_dit_s2(run: str, work: Path, steps: int, num: int, calib_num: int, cal
             folder = Path(run)
         else:
             folder = work / slug_of(name)
-            if not (folder / "quantization.json").is_file():
-                from ditk.quantize.api import quantize
-                from ditk.quantize.checks import CalibSettings
-
-                os.environ["DITK_CACHE_DIR"] = env["DITK_CACHE_DIR"]
-                quantize(run, out=str(folder), overrides=sampling, progress=False,
-                         calib=CalibSettings(num=calib_num, timesteps=calib_timesteps), **kw)
+            if not (folder / "quantization.json").is_file():  # in a fresh process: this one stays small (see below)
+                ditk("quantize", run, *sampling, *cli_args(kw), "--out", folder, "--no-progress", "--calib-num", calib_num,
+                     "--calib-timesteps", calib_timesteps, env=env)
             m = json.loads((folder / "quantization.json").read_text())
             row.update(kind=m["kind"], options=kw.get("options"), method_s=m["seconds"],
                        calibration_s=(m["calibration"] or {}).get("seconds"),
