@@ -84,7 +84,7 @@ def ptq4dit(model, layers, inputs, wbits=None, abits=None, group_size=None, opti
     recon = {}
     for block, names in blocks.items():
         inside = {n: (model.get_submodule(n), *plans[n]) for n in names}
-        recon[block] = {k: round(v, 6) if isinstance(v, float) else v for k, v in
+        recon[block] = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in
                         adaround_block(model.get_submodule(block), inside, recorded[block], int(opts["recon_steps"])).items()}
         log(f"ptq4dit block reconstruction {block}: relative output error {recon[block]['error_nearest']:.3e} "
             f"(round to nearest) -> {recon[block]['error_adaround']:.3e}")

@@ -213,7 +213,7 @@ def vq4dit(model, layers, inputs, wbits=None, abits=None, group_size=None, optio
         inside = {n: (model.get_submodule(n), *kept[n]) for n in names}
         info = calibrate_block(model.get_submodule(block), inside, recorded[block], int(opts["block_steps"]),
                                float(opts["block_lr"]), float(opts["reg"]), int(opts["candidates"]))
-        block_report[block] = {k: round(v, 6) if isinstance(v, float) else v for k, v in info.items()}
+        block_report[block] = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in info.items()}
         log(f"vq4dit block calibration {block}: relative output error {info['error_layerwise']:.3e} (layer-wise) "
             f"-> {info['error_block']:.3e}")
     report = {"relative_output_error": errors, "options": opts}
