@@ -18,8 +18,9 @@ SIMULATED = ["rtn", "qdit", "svdquant", "ptq4dit", "viditq", "vq4dit", "lrqdit"]
               "dynamic int8 activations), intx-wo (--wbits 2-8 weights), fp8-wo, fp8-dq (CUDA compute capability >= 8.9).")
 @click.option("--simulate", "method", type=click.Choice(SIMULATED), help="A simulated (fake-quant) research method: "
               "rtn (round-to-nearest baseline), qdit (GPTQ + group-size search), svdquant (smoothing + low-rank + 4-bit), "
-              "ptq4dit (CSB + SSC), viditq (momentum channel balancing + dynamic per-token), vq4dit (k-means codebooks, "
-              "weight-only, default W2), lrqdit (twin-log weights + Hadamard rotation). Measures quality only.")
+              "ptq4dit (CSB + SSC + AdaRound block reconstruction), viditq (momentum channel balancing + dynamic per-token; "
+              "below W8A8 also Hadamard rotation and per-layer mixed precision), vq4dit (k-means codebooks, "
+              "layer- then block-wise calibrated, weight-only, default W2), lrqdit (twin-log weights + Hadamard rotation). Measures quality only.")
 @click.option("--wbits", type=click.IntRange(2, 8), help="Weight bits (intx-wo: default 4; simulations: default 8).")
 @click.option("--abits", type=click.IntRange(2, 16), help="Activation bits of a simulation (default 8; 16 = keep them in floating point).")
 @click.option("--group-size", type=click.IntRange(0), help="Weights per scale along the input channels (0 = one per output channel).")

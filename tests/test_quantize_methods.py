@@ -106,7 +106,7 @@ def test_methods_write_a_simulated_folder_that_loads_identically_in_a_fresh_proc
     from ditk.quantize.checks import CalibSettings
 
     monkeypatch.setenv("DITK_CACHE_DIR", calib_env["DITK_CACHE_DIR"])
-    options = {"population": 4, "iterations": 1} if method == "qdit" else {"rank": 4} if method == "svdquant" else {"steps": 5} if method == "vq4dit" else {}
+    options = {"population": 4, "iterations": 1} if method == "qdit" else {"rank": 4} if method == "svdquant" else {"steps": 5, "block_steps": 5} if method == "vq4dit" else {"recon_steps": 5} if method == "ptq4dit" else {}
     folder, manifest, model = quantize(str(trained_run), method=method, options=options, out=str(tmp_path / "q"),
                                        calib=CalibSettings(num=4, timesteps=2), progress=False)
     assert manifest["kind"] == "simulated" and "simulated" in manifest["note"]
