@@ -175,6 +175,20 @@ def test_bad_clips_are_one_line_errors(audio_run, clips, tmp_path):
         assert proc.returncode == 0, proc.stderr
 
 
+def test_bare_text_model_weights_with_a_preset(audio_run, clips, tmp_path):
+    """The paper-scale route (`ditk invert musicflow_s.pt --preset fluxmusic-small ...`): a text model's weights
+    file has no run, hence no class names; prompts work and class labels are a one-line error."""
+    folder, _, _ = clips
+    weights = audio_run / "checkpoints" / "step-000001" / "ema.safetensors"
+    arch = ["model.hidden_size=32", "model.num_heads=1", "model.depth_double=1", "model.depth_single=2"]
+    proc = invoke_ditk("invert", weights, folder / "clip0.wav", "--preset", "tones-fluxmusic", *arch, "--prompt",
+                       "a slow rising melody", "--steps", "2", "--out", tmp_path / "inv", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    proc = invoke_ditk("edit", weights, folder / "clip0.wav", "--preset", "tones-fluxmusic", *arch, "--class-labels", "3",
+                       "--out", tmp_path / "never")
+    assert proc.returncode == 2 and "no class names: give a prompt" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
 def test_a_latent_audio_run_goes_through_its_mel_vae(clips, tmp_path):
     """FluxMusic's paper layout: log-mel -> AudioLDM2-shaped VAE (random, tiny; 1 -> 8 channels, 4x smaller) ->
     the model. --reconstruct reports the VAE round trip as the bound (an exact inversion reaches it), and edits decode
