@@ -189,32 +189,37 @@ def test_bare_text_model_weights_with_a_preset(audio_run, clips, tmp_path):
     assert proc.returncode == 2 and "no class names: give a prompt" in proc.stderr.strip().splitlines()[-1], proc.stderr
 
 
-def test_a_latent_audio_run_goes_through_its_mel_vae(clips, tmp_path):
-    """FluxMusic's paper layout: log-mel -> AudioLDM2-shaped VAE (random, tiny; 1 -> 8 channels, 4x smaller) ->
-    the model. --reconstruct reports the VAE round trip as the bound (an exact inversion reaches it), and edits decode
-    through the VAE to WAVs of the clip's length."""
+def test_a_latent_audio_model_goes_through_its_mel_vae(clips, tmp_path):
+    """FluxMusic's paper layout, from bare weights + --preset as the paper-scale command lines: log-mel ->
+    AudioLDM2-shaped VAE (random, tiny; 1 -> 8 channels, 4x smaller) -> the model. --reconstruct reports the VAE
+    round trip as the bound (an exact inversion reaches it), and edits decode through the VAE to WAVs of the clip's
+    length."""
     from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from ditk.build import build_model
+    from ditk.config import resolve
 
     torch.manual_seed(0)
     AutoencoderKL(in_channels=1, out_channels=1, latent_channels=8, block_out_channels=(8, 8, 8),
                   down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                   layers_per_block=1, norm_num_groups=4, scaling_factor=0.6).save_pretrained(tmp_path / "vae" / "vae")
-    invoke_ditk("train", "tones-fluxmusic", "model.hidden_size=32", "model.num_heads=1", "model.depth_double=1",
-                "model.depth_single=1", "model.input_size=16", "model.frames=16", "model.patch_size=2",
-                "model.in_channels=8", "autoencoder.name=audioldm2-vae", f"autoencoder.path={tmp_path / 'vae'}",
-                "data.num_clips=4", "train.global_batch_size=2", "train.max_steps=1", "train.ckpt_every=1",
-                "sample.num=1", "sample.steps=2", f"run.dir={tmp_path}", "--no-progress", check=True)
-    run = tmp_path / "tones-fluxmusic"
+    arch = ["model.hidden_size=32", "model.num_heads=1", "model.depth_double=1", "model.depth_single=1",
+            "model.input_size=16", "model.frames=16", "model.patch_size=2", "model.in_channels=8",
+            "autoencoder.name=audioldm2-vae", f"autoencoder.path={tmp_path / 'vae'}", "data.griffin_lim_iters=2"]
+    model = build_model(resolve("tones-fluxmusic", arch))  # freshly initialised: v = 0 (adaLN-Zero)
+    save_file(model.state_dict(), str(tmp_path / "weights.safetensors"))
     folder, _, _ = clips
     out = tmp_path / "inv"
-    proc = invoke_ditk("invert", run, folder / "clip0.wav", "--steps", "4", "--reconstruct", "--out", out,
-                       "--no-progress", "data.griffin_lim_iters=2")
+    proc = invoke_ditk("invert", tmp_path / "weights.safetensors", folder / "clip0.wav", "--preset", "tones-fluxmusic",
+                       *arch, "--steps", "4", "--reconstruct", "--out", out, "--no-progress")
     assert proc.returncode == 0, proc.stderr
     row = json.loads((out / "report.json").read_text())["images"][0]
-    assert row["latent_mse"] < 1e-8  # a fresh FluxMusic predicts v = 0 (adaLN-Zero): the round trip is exact...
+    assert row["latent_mse"] < 1e-8  # v = 0: the round trip is exact...
     assert math.isclose(row["lsd_db"], row["vae_bound_lsd_db"], rel_tol=1e-4)  # ...so only the VAE's error is left
     assert sf.info(str(out / "reconstructions" / "clip0.wav")).frames == SAMPLES
-    proc = invoke_ditk("edit", run, folder / "clip0.wav", "--prompt", "a fast falling melody", "--method", "rf-edit",
-                       "--steps", "2", "--out", tmp_path / "edit", "data.griffin_lim_iters=2")
+    proc = invoke_ditk("edit", tmp_path / "weights.safetensors", folder / "clip0.wav", "--preset", "tones-fluxmusic",
+                       *arch, "--prompt", "a fast falling melody", "--method", "rf-edit", "--steps", "2", "--out",
+                       tmp_path / "edit")
     assert proc.returncode == 0, proc.stderr
     assert sf.info(str(tmp_path / "edit" / "audio" / "000000.wav")).frames == SAMPLES
