@@ -8,7 +8,10 @@ presets). Back to sound through the run's vocoder (`AudioOutput`: the VAE's HiFi
 
 A clip must be exactly one training window: the run's sample rate, and `(frames - 1) * hop` samples (what
 `ditk sample` writes for one window). Anything else is a one-line error; `--resize` resamples (soxr) and keeps the
-first window (zero-padding a shorter clip), as the `audio-folder` data set pads.
+first window (zero-padding a shorter clip), as the `audio-folder` data set pads. normalize_wav is applied to that
+window (`audio-folder` applies it to the whole file before cutting a window, so a window of a long training file
+may peak below 0.5). Clips longer than one window (MultiDiffusion canvases, as `ditk sample --duration`) are not
+inverted.
 
 Reconstruction error of a spectrogram is the log-spectral distance (LSD, dB) on the mel magnitudes M (natural-log
 mel from the normalised one, floor 1e-5 as AudioLDM's):
