@@ -25,19 +25,23 @@ INVERSIONS = ("ddim", "bdia", "edict", "euler", "rf-solver", "fireflow", "rf-inv
 @click.option("--mask", type=click.Path(dir_okay=False), help="Edit mask image (white = region to edit) for concat rules.")
 @click.option("--cfg-scale", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Guidance of the target branch in the edit pass (inversion never guides).")
-@click.option("--resize", is_flag=True, help="Resize / convert images to the model's size and channels.")
+@click.option("--resize", is_flag=True, help="Resize / convert images to the model's size and channels; resample audio clips and keep their first "
+              "window.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed (rf-inversion's noise target).")
 @click.option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True, help="Which weights of a run.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: <run>/edited/<method><steps>-<target>; an earlier edit output there is replaced).")
 def command(source, images, preset, method, class_labels, source_labels, prompt, source_prompt, steps, inversion, opts,
             spec, mask, cfg_scale, resize, seed, weights, device, out):
-    """Edit IMAGES (files, folders, or .safetensors artefacts of ditk invert) with the model in SOURCE.
+    """Edit IMAGES (files, folders, or .safetensors artefacts of ditk invert; audio clips for audio models) with
+    the model in SOURCE.
 
     \b
     Writes images/NNNNNN.png (edits), source_branch/ (methods with a source branch), grid.png (inputs over edits),
     samples.npz and report.json (NFE, seconds, PSNR/SSIM to the input, digits classifier success); prints the folder.
+    Audio models: audio/NNNNNN.wav, spectrograms/, grid.png and report.json (log-spectral distance to the source).
       ditk edit runs/digits-dit-flow three.png --source-labels 3 --class-labels 8 --method rf-edit
+      ditk edit runs/tones-fluxmusic clip.wav --source-prompt "a slow rising melody" --prompt "a slow falling melody"
     """
     from pathlib import Path
 
@@ -60,7 +64,11 @@ def command(source, images, preset, method, class_labels, source_labels, prompt,
     out_dir = Path(out) if out else run_root / "edited" / f"{method}{steps}-{target}"
     report = run_edit(pipe, images, method, steps, knobs, inversion, rules, class_labels, prompt, source_labels,
                       source_prompt, cfg_scale, mask, out_dir, resize, seed)
-    msg = f"[ditk] {len(report['images'])} image(s) edited with {method} ({report['nfe_per_image']} NFE/image)"
+    noun = "clip" if "clips" in report else "image"
+    msg = (f"[ditk] {len(report.get('images', report.get('clips')))} {noun}(s) edited with {method} "
+           f"({report['nfe_per_image']} NFE/{noun})")
+    if "mean_lsd_to_source_db" in report:
+        msg += f": log-spectral distance to the source {report['mean_lsd_to_source_db']:.2f} dB"
     if "edit_success" in report:
         msg += f": digits classifier says the target class for {100 * report['edit_success']:.0f} %"
     click.echo(msg, err=True)

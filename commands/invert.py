@@ -23,8 +23,10 @@ METHODS = ("ddim", "bdia", "edict", "euler", "rf-solver", "fireflow", "rf-invers
 @click.option("--save-trajectory", is_flag=True, help="Also store the points the model was evaluated at.")
 @click.option("--save-features", is_flag=True, help="Also store every block's attention K, V and output (for ditk edit).")
 @click.option("--reconstruct", is_flag=True, help="Regenerate from the noise and report latent MSE, PSNR, SSIM "
-              "(and the VAE round-trip bound for latent models).")
-@click.option("--resize", is_flag=True, help="Resize / convert images to the model's size and channels.")
+              "(and the VAE round-trip bound for latent models); audio: the regenerated WAV and the log-spectral "
+              "distance.")
+@click.option("--resize", is_flag=True, help="Resize / convert images to the model's size and channels; resample "
+              "audio clips and keep their first window.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Images per pass.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed (rf-inversion's noise target).")
 @click.option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True, help="Which weights of a run.")
@@ -33,12 +35,14 @@ METHODS = ("ddim", "bdia", "edict", "euler", "rf-solver", "fireflow", "rf-invers
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def command(source, images, preset, method, steps, opts, class_labels, prompt, cfg_scale, save_trajectory,
             save_features, reconstruct, resize, batch_size, seed, weights, device, out, no_progress):
-    """Invert IMAGES (files or folders) with the model in SOURCE (a run, a checkpoint, or weights + --preset).
+    """Invert IMAGES (files or folders; audio clips for audio models) with the model in SOURCE (a run, a
+    checkpoint, or weights + --preset).
 
     \b
     Writes per image NAME.safetensors (terminal noise, the input latent, optional trajectory and features; metadata:
     model, schedule, steps, method, conditioning, VAE) and report.json; prints the folder.
       ditk invert runs/digits-dit-flow digits/ --method rf-solver --steps 25 --reconstruct
+      ditk invert runs/tones-fluxmusic clip.wav --prompt "a slow rising melody" --reconstruct
     """
     from pathlib import Path
 
@@ -59,7 +63,11 @@ def command(source, images, preset, method, steps, opts, class_labels, prompt, c
     out_dir = Path(out) if out else (run_root / "inverted" if pipe.run_dir else run_root) / f"{method}{steps}"
     report = run_invert(pipe, images, method, steps, options, class_labels, prompt, out_dir, save_trajectory,
                         save_features, reconstruct, resize, batch_size, seed, not no_progress)
-    if reconstruct:
+    if reconstruct and "mean_lsd_db" in report:
+        click.echo(f"[ditk] {len(report['images'])} clip(s), {method} {steps} steps: reconstruction latent MSE "
+                   f"{report['mean_latent_mse']:.3g}, log-spectral distance {report['mean_lsd_db']:.2f} dB "
+                   f"({report['mean_wav_lsd_db']:.2f} dB after the vocoder)", err=True)
+    elif reconstruct:
         click.echo(f"[ditk] {len(report['images'])} image(s), {method} {steps} steps: reconstruction "
                    f"{report['mean_psnr_db']:.2f} dB PSNR", err=True)
     click.echo(str(out_dir))

@@ -171,7 +171,10 @@ class TextConditioner(ClassConditioner):
     condition for classifier-free guidance. Encodings are cached per caption (datasets have few)."""
 
     def __init__(self, cfg, num_classes: int, class_names: Optional[Sequence[str]] = None):
-        super().__init__(num_classes, class_names)
+        if num_classes == 0:  # a text model's bare weights (no run, no data set): no captions by label, prompts only
+            self.num_classes, self.null_label, self.class_names = 0, 0, None
+        else:
+            super().__init__(num_classes, class_names)
         from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
         path = cfg.encoder_path or _minilm_path()
@@ -243,6 +246,12 @@ class TextConditioner(ClassConditioner):
 
     def uncond(self, n: int, device=None) -> dict:
         return self.encode_prompts([""] * n, device)
+
+    def parse_labels(self, text: str) -> list[int]:
+        if self.num_classes == 0:
+            raise ConfigError("this text model was loaded from bare weights and has no class names: give a prompt "
+                              "(--prompt) instead of class labels")
+        return super().parse_labels(text)
 
 
 @CONDITIONERS.register("text", config=TextConditionerConfig)

@@ -136,9 +136,9 @@ def load_npz(path: Union[str, os.PathLike]) -> np.ndarray:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def list_input_files(items: Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
+def list_input_files(items: Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES, noun: str = "image") -> list[Path]:
     """Command-line inputs -> files: a folder gives its files with one of `suffixes`, sorted; a file must exist
-    and have one of them. Anything else is a one-line ConfigError naming the item."""
+    and have one of them. Anything else is a one-line ConfigError naming the item (and the `noun` of the inputs)."""
     names = "/".join(suffixes)
     files: list[Path] = []
     for item in items:
@@ -146,14 +146,14 @@ def list_input_files(items: Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFI
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.suffix.lower() in suffixes)
             if not found:
-                raise ConfigError(f"folder '{item}' holds no {names} files: pass image files or another folder")
+                raise ConfigError(f"folder '{item}' holds no {names} files: pass {noun} files or another folder")
             files += found
         elif p.is_file():
             if p.suffix.lower() not in suffixes:
                 raise ConfigError(f"'{item}' is not one of {names}: pass such files or a folder of them")
             files.append(p)
         else:
-            raise ConfigError(f"input '{item}' does not exist: pass image files or folders of images")
+            raise ConfigError(f"input '{item}' does not exist: pass {noun} files or folders of them")
     if not files:
-        raise ConfigError("no inputs given: pass image files or folders of images")
+        raise ConfigError(f"no inputs given: pass {noun} files or folders of them")
     return files

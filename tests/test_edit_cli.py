@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -59,7 +60,16 @@ def test_invert_writes_artefacts_and_a_reconstruction_report(trained_run, digit_
     assert proc.returncode == 0 and "another source condition" in proc.stderr, proc.stderr
     report = json.loads((edit_out / "report.json").read_text())
     assert report["inversion_nfe"] == 0 and len(report["images"]) == 3
-    assert {"predicted_class", "target_class", "feature_distance", "psnr_outside_changed_db"} <= set(report["images"][0])
+    assert {"predicted_class", "target_class", "feature_distance", "psnr_outside_changed_db",
+            "ssim_outside_changed"} <= set(report["images"][0])
+    # digits: the changed strokes are where the source and the target class's mean training digit differ
+    from ditk.edit.preserve import changed_strokes, digits_prototypes
+
+    assert "mean training image of the target class" in report["changed_strokes"]
+    src = torch.stack([torch.from_numpy(np.asarray(Image.open(p), np.float32) / 127.5 - 1)[None]
+                       for p in sorted(digit_pngs.iterdir())])
+    want = changed_strokes(src, digits_prototypes()[[8, 8, 8]]).flatten(1).mean(1)
+    np.testing.assert_allclose([r["mask_changed_fraction"] for r in report["images"]], want.numpy(), atol=1e-6)
     assert np.load(edit_out / "samples.npz")["arr_0"].shape == (3, 8, 8, 1)
 
 

@@ -64,7 +64,7 @@ def load_artefact(path: Path) -> tuple[dict, dict]:
 def check_artefact(path: Path, meta: dict, identity: dict, method: Optional[str] = None,
                    steps: Optional[int] = None) -> None:
     """One line naming what differs between the artefact and the model/schedule it is used with."""
-    for key in ("model", "objective", "autoencoder"):
+    for key in [k for k in ("model", "objective", "autoencoder", "front_end") if k in identity]:
         if meta.get(key) != identity[key]:
             theirs, ours = meta.get(key) or {}, identity[key]
             diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))

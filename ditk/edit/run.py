@@ -14,10 +14,12 @@ import torch
 from ..atomic import atomic_dir, write_text
 from ..io import IMAGE_SUFFIXES, list_input_files
 from ..errors import ConfigError
+from .audio import AUDIO_SUFFIXES, Clips, is_audio, log_spectral_distance
 from .artefact import (check_artefact, load_artefact, load_images, pipeline_identity, psnr,
                        save_artefact, ssim)
 from .features import FeatureCapture, FeatureStore
 from .inversion import Inverted, check_method, invert, reconstruct
+from .preserve import STROKE_THRESHOLD, changed_strokes, class_prototypes, preservation
 
 FEATURE_TENSORS = ("k", "v", "out")
 
@@ -79,11 +81,18 @@ def run_invert(pipe, inputs: Sequence[str], method: str, steps: int, options: di
                resize: bool, batch_size: int, seed: int, progress: bool) -> dict:
     check_method(method, pipe.objective, options)
     check_out_dir(out_dir, "invert")
-    paths = list_input_files(inputs)
-    channels, size = image_geometry(pipe)
-    images = load_images(paths, channels, size, resize)  # all errors before any work
+    clips = Clips(pipe) if is_audio(pipe) else None
+    if clips is not None:
+        paths = list_input_files(inputs, AUDIO_SUFFIXES, noun="audio clip")
+        images, _ = clips.load(paths, resize)  # normalised log-mel: the run's front end; all errors before any work
+    else:
+        paths = list_input_files(inputs)
+        channels, size = image_geometry(pipe)
+        images = load_images(paths, channels, size, resize)  # all errors before any work
     cond_all, cond_text = conditions(pipe, len(paths), labels, prompt, "source")
     identity = pipeline_identity(pipe)
+    if clips is not None:
+        identity["front_end"] = clips.front_end()
     latent = getattr(pipe.autoencoder, "downsample", 1) != 1
     depth = len(pipe.model.blocks)
     points = [f"blocks.{b}.attn.{t}_hook" for b in range(depth) for t in FEATURE_TENSORS] if save_features else []
@@ -116,7 +125,12 @@ def run_invert(pipe, inputs: Sequence[str], method: str, steps: int, options: di
                 row = {"image": str(path), "artefact": f"{path.stem}.safetensors", "nfe": inv.nfe,
                        "feature_mb": round(capture.store.nbytes / 2**20 / len(x0), 4)}
                 rows.append(row)
-            if recon is not None:
+            if recon is not None and clips is not None:
+                _clip_metrics(pipe, clips, recon, x0, images[sl], rows[b:], [tmp / "reconstructions" / f"{p.stem}.wav"
+                                                                        for p in paths[sl]])
+                for r in rows[b:]:
+                    r["reconstruction_nfe"] = rec_nfe
+            elif recon is not None:
                 rec_px, src_px = _decode(pipe, recon), images[sl]
                 bound_px = _decode(pipe, x0) if latent else None
                 p, s = psnr(rec_px.clamp(-1, 1), src_px), ssim(rec_px.clamp(-1, 1), src_px)
@@ -133,9 +147,38 @@ def run_invert(pipe, inputs: Sequence[str], method: str, steps: int, options: di
         if do_reconstruct:
             report["mean_psnr_db"] = float(np.mean([r["psnr_db"] for r in rows]))
             report["mean_latent_mse"] = float(np.mean([r["latent_mse"] for r in rows]))
+            if clips is not None:
+                report["mean_lsd_db"] = float(np.mean([r["lsd_db"] for r in rows]))
+                report["mean_wav_lsd_db"] = float(np.mean([r["wav_lsd_db"] for r in rows]))
+        if clips is not None:
+            report["front_end"] = clips.front_end()
+            report["vocoder"] = getattr(clips.io.vocoder, "name", type(clips.io.vocoder).__name__)
         write_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")
         _lineage(tmp, pipe, inputs)
     return report
+
+
+def _clip_metrics(pipe, clips, recon, x0, src_spec, rows, wav_paths) -> None:
+    """Reconstruction error of audio clips, per row: latent MSE; the spectrogram's log-spectral distance (LSD, dB)
+    and PSNR (normalised log-mel, range 2); with a VAE, the LSD of its own round trip (the bound); the regenerated
+    WAV (run's vocoder) written and its re-analysed LSD, next to the vocoder's own bound (the source spectrogram
+    vocoded and re-analysed)."""
+    from ..audio.mel import save_spectrogram_png
+
+    rec_spec = _decode(pipe, recon)
+    mse = ((recon - x0) ** 2).flatten(1).mean(1).cpu().tolist()
+    lsd, p = log_spectral_distance(rec_spec, src_spec), psnr(rec_spec.clamp(-1, 1), src_spec.clamp(-1, 1))
+    bound = log_spectral_distance(_decode(pipe, x0), src_spec) if getattr(pipe.autoencoder, "downsample", 1) != 1 else None
+    for j, path in enumerate(wav_paths):
+        wave = clips.write(rec_spec[j], path)
+        save_spectrogram_png(rec_spec[j, 0], path.with_suffix(".png"))
+        wav_lsd = log_spectral_distance(clips.reanalysed(wave)[None], src_spec[j:j + 1])[0]
+        vocoder_bound = log_spectral_distance(clips.reanalysed(clips.waveform(src_spec[j]))[None], src_spec[j:j + 1])[0]
+        rows[j].update({"reconstruction": f"reconstructions/{path.name}", "latent_mse": mse[j], "lsd_db": lsd[j],
+                        "psnr_db": p[j], "wav_lsd_db": wav_lsd, "vocoder_bound_lsd_db": vocoder_bound,
+                        "samples": int(wave.numel())})
+        if bound is not None:
+            rows[j]["vae_bound_lsd_db"] = bound[j]
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:
@@ -153,11 +196,18 @@ def _lineage(folder: Path, pipe, inputs) -> None:
     write_text(folder / "lineage.json", json.dumps(info, indent=2) + "\n")
 
 
-def read_inputs(pipe, inputs: Sequence[str], resize: bool, seed: int) -> tuple[list[Path], torch.Tensor, list]:
-    """Images or inversion artefacts -> (paths, x0 latents (N, C, H, W), per-input artefact (tensors, meta) or None)."""
-    paths = list_input_files(inputs, suffixes=(*IMAGE_SUFFIXES, ".safetensors"))
+def read_inputs(pipe, inputs: Sequence[str], resize: bool, seed: int,
+                clips: Optional[Clips] = None) -> tuple[list[Path], torch.Tensor, list]:
+    """Images (audio clips with `clips`) or inversion artefacts -> (paths, x0 latents (N, C, H, W), per-input
+    artefact (tensors, meta) or None)."""
+    suffixes = AUDIO_SUFFIXES if clips is not None else IMAGE_SUFFIXES
+    paths = list_input_files(inputs, suffixes=(*suffixes, ".safetensors"),
+                             noun="audio clip (or artefact)" if clips is not None else "image (or artefact)")
     identity = pipeline_identity(pipe)
-    channels, size = image_geometry(pipe)
+    if clips is not None:
+        identity["front_end"] = clips.front_end()
+    else:
+        channels, size = image_geometry(pipe)
     xs, arts = [], []
     for p in paths:
         if p.suffix == ".safetensors":
@@ -166,7 +216,8 @@ def read_inputs(pipe, inputs: Sequence[str], resize: bool, seed: int) -> tuple[l
             xs.append(tensors["image"].to(pipe.device)[None])
             arts.append((tensors, meta))
         else:
-            xs.append(_encode(pipe, load_images([p], channels, size, resize), seed))
+            x = clips.load([p], resize)[0] if clips is not None else load_images([p], channels, size, resize)
+            xs.append(_encode(pipe, x, seed))
             arts.append(None)
     return paths, torch.cat(xs), arts
 
@@ -233,13 +284,14 @@ def digits_classifier():
 
 
 def edit_scores(source: torch.Tensor, edited: torch.Tensor, targets: Optional[list], classify=None,
-                stroke_threshold: float = 0.5) -> list[dict]:
-    """Per image: PSNR/SSIM to the source, PSNR outside the changed strokes (pixels whose value moved by more than
-    `stroke_threshold` on the [-1, 1] scale, i.e. a quarter of the range), the changed fraction, and with a
-    classifier the predicted class, the target's probability and the feature distance to the source."""
-    changed = ((edited - source).abs().amax(dim=1, keepdim=True) > stroke_threshold).float()
-    out = [{"psnr_db": p, "ssim": s, "psnr_outside_changed_db": po, "changed_fraction": float(c.mean())}
-           for p, s, po, c in zip(psnr(edited, source), ssim(edited, source), psnr(edited, source, 1 - changed), changed)]
+                changed: Optional[torch.Tensor] = None, stroke_threshold: float = STROKE_THRESHOLD) -> list[dict]:
+    """Per image: PSNR/SSIM to the source; PSNR/SSIM outside the changed strokes (`changed` (N, 1, H, W), see
+    ditk.edit.preserve; None: the pixels the edit moved by more than `stroke_threshold`); the fraction of pixels
+    the edit moved; and with a classifier the predicted class, the target's probability and the feature distance."""
+    moved = changed_strokes(source, edited, stroke_threshold)
+    mask = moved if changed is None else changed
+    out = [{"psnr_db": p, "ssim": s, **kept, "changed_fraction": float(c.mean())}
+           for p, s, kept, c in zip(psnr(edited, source), ssim(edited, source), preservation(source, edited, mask), moved)]
     if classify is not None:
         logits, feats = classify(edited)
         _, feats_src = classify(source)
@@ -252,6 +304,18 @@ def edit_scores(source: torch.Tensor, edited: torch.Tensor, targets: Optional[li
                 row["target_probability"] = float(prob[i, targets[i]])
                 row["success"] = row["predicted_class"] == row["target_class"]
     return out
+
+
+def stroke_mask(pipe, source_px: torch.Tensor, targets: Optional[list], region: Optional[torch.Tensor]):
+    """(changed mask (N, 1, H, W) or None, its definition): the target-class prototype difference where the data
+    set has prototypes and the targets are classes, else the --mask region, else None (the edit's own changes)."""
+    protos = class_prototypes(pipe.cfg.data.name)
+    if protos is not None and targets is not None and protos.shape[1:] == source_px.shape[1:]:
+        return (changed_strokes(source_px, protos[torch.as_tensor(targets)]),
+                f"|source - mean training image of the target class| > {STROKE_THRESHOLD}")
+    if region is not None:
+        return (region > 0.5).float(), "the --mask region"
+    return None, f"pixels the edit moved by more than {STROKE_THRESHOLD}"
 
 
 def run_edit(pipe, inputs: Sequence[str], method: str, steps: int, knobs: dict, inversion: Optional[str],
@@ -267,7 +331,10 @@ def run_edit(pipe, inputs: Sequence[str], method: str, steps: int, knobs: dict, 
     check_out_dir(out_dir, "edit")
     depth = len(pipe.model.blocks)
     p = plan(method, pipe.objective, depth, steps, knobs, inversion, rules)
-    paths, x0, arts = read_inputs(pipe, inputs, resize, seed)
+    clips = Clips(pipe) if is_audio(pipe) else None
+    if clips is not None:
+        check_audio_plan(pipe, p, method, mask_path)
+    paths, x0, arts = read_inputs(pipe, inputs, resize, seed, clips)
     n = len(paths)
     src_cond, src_text = conditions(pipe, n, source_labels, source_prompt, "source")
     stored = stored_condition(arts, pipe.device) if source_labels is None and source_prompt is None else None
@@ -277,7 +344,7 @@ def run_edit(pipe, inputs: Sequence[str], method: str, steps: int, knobs: dict, 
     null_cond = pipe.conditioner.uncond(n, pipe.device)
     if cfg_scale != 1.0 and getattr(pipe.conditioner, "unconditional", False):
         raise ConfigError("guidance needs a conditional model: use --cfg-scale 1")
-    image_mask = None
+    image_mask = region = None
     if mask_path is not None:
         concat = [r for r in p.rules if r.op == "concat"]
         if not concat:
@@ -289,6 +356,7 @@ def run_edit(pipe, inputs: Sequence[str], method: str, steps: int, knobs: dict, 
         m = (load_images([Path(mask_path)], 1, size, resize=True) + 1) / 2  # white = the region to edit
         grid = pipe.model.x_embedder.grid_size
         image_mask = token_mask_from_image(m.expand(n, -1, -1, -1), grid)
+        region = m.expand(n, -1, -1, -1)
     inverted, store, why = reuse_inversion(arts, p, steps, capture_points(p.rules), src_cond, pipe.device)
     if inverted is not None:
         log(f"reusing the inversion stored in the {n} artefact(s)")
@@ -296,11 +364,18 @@ def run_edit(pipe, inputs: Sequence[str], method: str, steps: int, knobs: dict, 
         log(f"inverting the artefacts' images again: {why}")
     res = edit(pipe.model, pipe.objective, x0, src_cond, tgt_cond, null_cond, p, steps, cfg_scale=cfg_scale,
                image_mask=image_mask, inverted=inverted, store=store, seed=seed)
+    if clips is not None:
+        return _write_audio_edit(pipe, clips, res, x0, paths, inputs, out_dir, {
+            "source": pipe.source, "method": method, "inversion": p.inversion, "steps": steps, "knobs": knobs,
+            "rules": [r.__dict__ for r in p.rules], "cfg_scale": cfg_scale, "source_condition": src_text,
+            "target_condition": tgt_text, "nfe_per_image": res["nfe"], "inversion_nfe": res["inversion_nfe"],
+            "seconds": round(res["seconds"], 3), "feature_cache_mb": res["feature_cache_mb"]})
     edited = _decode(pipe, res["edited"]).clamp(-1, 1)
     source_px = _decode(pipe, x0).clamp(-1, 1)
     classify = digits_classifier() if pipe.cfg.data.name == "digits" else None
     targets = tgt_cond["y"].tolist() if "y" in tgt_cond and target_prompt is None else None
-    scores = edit_scores(source_px, edited, targets, classify)
+    changed, changed_def = stroke_mask(pipe, source_px, targets, region)
+    scores = edit_scores(source_px, edited, targets, classify, changed)
     with atomic_dir(out_dir) as tmp:
         save_pngs(edited, tmp / "images")
         if res["source_branch"] is not None:
@@ -317,7 +392,59 @@ def run_edit(pipe, inputs: Sequence[str], method: str, steps: int, knobs: dict, 
         }
         if targets is not None and classify is not None:
             report["edit_success"] = float(np.mean([s["success"] for s in scores]))
+        report["changed_strokes"] = changed_def
         report["mean_psnr_outside_changed_db"] = float(np.mean([min(s["psnr_outside_changed_db"], 99.0) for s in scores]))
+        report["mean_ssim_outside_changed"] = float(np.nanmean([s["ssim_outside_changed"] for s in scores]))
+        write_text(tmp / "report.json", json.dumps(report, indent=2, default=list) + "\n")
+        _lineage(tmp, pipe, inputs)
+    return report
+
+
+def check_audio_plan(pipe, p, method: str, mask_path: Optional[str]) -> None:
+    """What an audio model cannot take: an image mask, and concat rules over a text-masked joint sequence (the concat
+    recomputes attention without the model's text-padding mask)."""
+    if mask_path is not None:
+        raise ConfigError("--mask is an image of the region to edit: audio models take none; drop --mask")
+    if any(r.op == "concat" for r in p.rules) and getattr(pipe.model, "mask_text", False):
+        raise ConfigError(f"--method {method} concatenates K/V, which would drop this model's text-padding mask "
+                          "(model.mask_text): use rf-edit, fireflow, rf-inversion, masactrl or naive")
+
+
+def _write_audio_edit(pipe, clips: Clips, res: dict, x0: torch.Tensor, paths: list, inputs, out_dir: Path,
+                      report: dict) -> dict:
+    """Edited clips -> audio/NNNNNN.wav (+ source_branch/), spectrograms/NNNNNN.png, spectrograms.npy, grid.png
+    (sources above edits) and report.json: per clip the log-spectral distance and spectrogram PSNR to the source, and
+    on the synthesised music data the pitch direction heard in the source and in the edited WAV."""
+    from PIL import Image
+
+    from ..audio import analysis
+    from ..audio.generate import stack_rgb
+    from ..audio.mel import denormalize, save_spectrogram_png
+
+    edited = _decode(pipe, res["edited"])
+    source = _decode(pipe, x0)
+    lsd, p = log_spectral_distance(edited, source), psnr(edited.clamp(-1, 1), source.clamp(-1, 1))
+    music = pipe.cfg.data.name == "music"
+    rows = []
+    with atomic_dir(out_dir) as tmp:
+        for i, (path, spec) in enumerate(zip(paths, edited)):
+            wave = clips.write(spec, tmp / "audio" / f"{i:06d}.wav")
+            save_spectrogram_png(spec[0], tmp / "spectrograms" / f"{i:06d}.png")
+            row = {"input": str(path), "wav": f"audio/{i:06d}.wav", "samples": int(wave.numel()),
+                   "lsd_to_source_db": lsd[i], "spectrogram_psnr_db": p[i]}
+            if music:  # what the synthesised data's prompts describe (ditk.audio.analysis on the log-mel)
+                row["source_direction"] = analysis.direction(denormalize(source[i, 0]), clips.front)
+                row["edited_direction"] = analysis.direction(denormalize(spec[0]), clips.front)
+            rows.append(row)
+        if res["source_branch"] is not None:
+            for i, spec in enumerate(_decode(pipe, res["source_branch"])):
+                clips.write(spec, tmp / "source_branch" / f"{i:06d}.wav")
+        with open(tmp / "spectrograms.npy", "wb") as f:
+            np.save(f, edited[:, 0].numpy().astype(np.float32))
+        Image.fromarray(stack_rgb(list(source[:, 0]) + list(edited[:, 0]), scale=pipe.cfg.sample.grid_scale)).save(
+            tmp / "grid.png")
+        report.update({"clips": rows, "mean_lsd_to_source_db": float(np.mean(lsd)), "front_end": clips.front_end(),
+                       "vocoder": getattr(clips.io.vocoder, "name", type(clips.io.vocoder).__name__)})
         write_text(tmp / "report.json", json.dumps(report, indent=2, default=list) + "\n")
         _lineage(tmp, pipe, inputs)
     return report
