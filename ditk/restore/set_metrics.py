@@ -60,21 +60,44 @@ def kid_paired(f1: np.ndarray, f2: np.ndarray) -> float:
     return float((kxx[off].sum() + kyy[off].sum() - kxy[off].sum() - kxy.T[off].sum()) / (n * (n - 1)))
 
 
-def fid_kid(restored: torch.Tensor, truth: torch.Tensor, extractor_name: str, weights_dir: Optional[str] = None,
-            truth_features: Optional[np.ndarray] = None) -> dict:
-    """FID and KID of `restored` against `truth` (same order: image i restores truth i), with the protocol."""
+def fid_of(fr: np.ndarray, ft: np.ndarray) -> Optional[float]:
+    """clean-fid's Fréchet distance of two feature sets; None where (S1 S2)^1/2 is numerically not real."""
     from ..errors import DitkError
     from ..metrics.fid import frechet_distance
 
+    try:
+        return float(frechet_distance(fr.mean(0), np.cov(fr, rowvar=False), ft.mean(0), np.cov(ft, rowvar=False)))
+    except DitkError:  # far fewer images than feature dimensions
+        return None
+
+
+def fid_kid(restored: torch.Tensor, truth: torch.Tensor, extractor_name: str, weights_dir: Optional[str] = None,
+            truth_features: Optional[np.ndarray] = None, return_features: bool = False) -> dict:
+    """FID and KID of `restored` against `truth` (same order: image i restores truth i), with the protocol."""
     extractor = extractor_named(extractor_name, weights_dir)
     fr = features(restored, extractor).astype(np.float64)
     ft = features(truth, extractor).astype(np.float64) if truth_features is None else truth_features
-    try:
-        fid = round(float(frechet_distance(fr.mean(0), np.cov(fr, rowvar=False), ft.mean(0),
-                                           np.cov(ft, rowvar=False))), 4)
-    except DitkError:  # (S1 S2)^1/2 not real: far fewer images than feature dimensions
-        fid = None
+    fid = fid_of(fr, ft)
     kid = kid_paired(fr, ft) if len(fr) == len(ft) else None
-    return {"fid": fid, "kid": None if kid is None else round(kid, 6), "n": int(len(fr)),
-            "extractor": extractor.name, "feature_dim": int(extractor.dim), "weights_sha256": extractor.weights_sha256,
-            "reference": "the ground-truth images of this set"}
+    out = {"fid": None if fid is None else round(fid, 4), "kid": None if kid is None else round(kid, 6),
+           "n": int(len(fr)), "extractor": extractor.name, "feature_dim": int(extractor.dim),
+           "weights_sha256": extractor.weights_sha256, "reference": "the ground-truth images of this set"}
+    if return_features:
+        out["features"] = fr
+    return out
+
+
+def bootstrap_fid_difference(fa: np.ndarray, fb: np.ndarray, ft: np.ndarray, rounds: int = 100, seed: int = 0) -> dict:
+    """Paired bootstrap over images of FID(a, truth) - FID(b, truth): the same resampled image indices for both
+    sets and the truth. Returns the fraction of rounds where a's FID is lower and the 2.5 / 97.5 % quantiles."""
+    rng = np.random.RandomState(seed)
+    n = len(ft)
+    diffs = []
+    for _ in range(rounds):
+        idx = rng.randint(0, n, n)
+        fa_, fb_ = fid_of(fa[idx], ft[idx]), fid_of(fb[idx], ft[idx])
+        if fa_ is not None and fb_ is not None:
+            diffs.append(fa_ - fb_)
+    diffs = np.array(diffs)
+    return {"rounds": int(len(diffs)), "a_lower_fraction": float((diffs < 0).mean()),
+            "diff_q025": float(np.quantile(diffs, 0.025)), "diff_q975": float(np.quantile(diffs, 0.975))}
