@@ -86,3 +86,16 @@ def test_paired_kid_is_the_u_statistic_without_the_paired_cross_terms():
     big = rng.randn(40, 5)
     near = big + 0.01 * rng.randn(40, 5)
     assert abs(kid_paired(big, near)) < 1e-3
+
+
+def test_paired_bootstrap_of_the_fid_difference():
+    from ditk.restore.set_metrics import bootstrap_fid_difference, fid_of
+
+    rng = np.random.RandomState(1)
+    truth = rng.randn(30, 4)
+    close, far = truth + 0.05 * rng.randn(30, 4), truth + 1.0 + 0.5 * rng.randn(30, 4)
+    assert fid_of(close, truth) < fid_of(far, truth)
+    better = bootstrap_fid_difference(close, far, truth, rounds=30)
+    assert better["rounds"] == 30 and better["a_lower_fraction"] == 1.0 and better["diff_q975"] < 0
+    same = bootstrap_fid_difference(close, close, truth, rounds=10)
+    assert same["a_lower_fraction"] == 0.0 and same["diff_q025"] == same["diff_q975"] == 0.0
