@@ -6,8 +6,9 @@ For every task the same measurements y = A x + sigma_y n (seeded) go to the clas
 Wiener / nearest fill / pseudo-inverse) and to each method that applies (DDNM, DDRM, PiGDM, DPS on the DDPM prior,
 PnP-Flow on the flow prior). Prints a Markdown table (PSNR, SSIM on 8-bit RGB; FID and KID of the restored set
 against the ground-truth set in the features of the `photos` extractor (ditk/metrics/photos_extractor.py: no offline
-Inception); NFE per image, seconds per image), then which (task, method) pairs beat the classical baseline on PSNR
-or FID; writes it as JSON (--json) and a grid image (--grid): per task two crops, columns degraded | classical |
+Inception; KID as the paired U-statistic of ditk/restore/set_metrics.py); NFE per image, seconds per image), then
+which (task, method) pairs beat the classical baseline on PSNR or FID, and whether beyond the luck of the images
+(PSNR: mean per-image gain over two standard errors; FID: lower in >= 97.5 % of paired bootstrap resamples); writes it as JSON (--json) and a grid image (--grid): per task two crops, columns degraded | classical |
 methods... | ground truth.
 """
 

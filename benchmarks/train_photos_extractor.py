@@ -17,9 +17,15 @@ How (`python benchmarks/train_photos_extractor.py`, CPU, one thread):
 - checks printed (and required): (1) held-out retrieval: each of the 28 held-out crops, shifted by 2 px, must
   find its own unshifted crop as nearest neighbour among the 28 (top-1 accuracy > 0.8); (2) FID between the
   held-out crops and degraded copies of them grows with the degradation (Gaussian blur sigma 0.5 < 1 < 2 px;
-  noise sigma 0.05 < 0.1 < 0.2 on [-1, 1]); (3) the FID floor: 28 random training crops vs the 28 held-out
-  crops (two clean sets of that size), printed for scale.
-Prints the sha256 to copy into PHOTOS_SHA256. Re-running reproduces the file on the same CPU and torch version.
+  noise sigma 0.05 < 0.1 < 0.2 on [-1, 1]); (3) for scale: 28 random training crops vs the 28 held-out crops
+  (two clean sets of *different* content: FID of unpaired sets that small is dominated by content), and the
+  held-out crops vs their gray versions.
+- result (`python benchmarks/train_photos_extractor.py`, defaults, torch 2.14, 2026-12-03; 424 s on the shared
+  2-core machine): final NT-Xent loss 1.78; held-out top-1 28/28; FID vs blur sigma 0.5 / 1 / 2 px: 0.013 / 0.10 /
+  0.36; vs noise 0.05 / 0.1 / 0.2: 0.077 / 0.34 / 2.1; gray: 40.7; training vs held-out crops: 60.8.
+  sha256 c3e838e9dd79286ca52a8c556f387281a800421eabbacb3f99f1dd66f5706c33 (PHOTOS_SHA256).
+Prints the sha256 to copy into PHOTOS_SHA256. Re-running reproduces the file on the same CPU and torch version
+(another CPU or torch version may change the last bits, hence the sha256, not the checks).
 """
 
 from __future__ import annotations
