@@ -4,8 +4,11 @@
 
 For every task the same measurements y = A x + sigma_y n (seeded) go to the classical baseline (bicubic /
 Wiener / nearest fill / pseudo-inverse) and to each method that applies (DDNM, DDRM, PiGDM, DPS on the DDPM prior,
-PnP-Flow on the flow prior). Prints a Markdown table (PSNR, SSIM on 8-bit RGB, NFE per image, seconds per
-image), writes it as JSON (--json) and a grid image (--grid): per task two crops, columns degraded | classical |
+PnP-Flow on the flow prior). Prints a Markdown table (PSNR, SSIM on 8-bit RGB; FID and KID of the restored set
+against the ground-truth set in the features of the `photos` extractor (ditk/metrics/photos_extractor.py: no offline
+Inception; KID as the paired U-statistic of ditk/restore/set_metrics.py); NFE per image, seconds per image), then
+which (task, method) pairs beat the classical baseline on PSNR or FID, and whether beyond the luck of the images
+(PSNR: mean per-image gain over two standard errors; FID: lower in >= 97.5 % of paired bootstrap resamples); writes it as JSON (--json) and a grid image (--grid): per task two crops, columns degraded | classical |
 methods... | ground truth.
 """
 
@@ -24,6 +27,27 @@ TASKS = [("sr4", 0.05), ("blur", 0.05), ("inpaint-random", 0.05), ("inpaint-box"
          ("denoise", 0.1)]
 
 
+def fmt(v, spec=".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def beats_baseline(rows: list[dict]) -> list[dict]:
+    """Per (task, method): does it beat the task's classical row on PSNR (higher) and on FID (lower)?"""
+    base = {r["task"]: r for r in rows if r["method"].startswith("classical")}
+    out = []
+    for r in rows:
+        if r["method"].startswith("classical"):
+            continue
+        boot = r.get("fid_vs_baseline") or {}
+        out.append(dict(task=r["task"], method=r["method"], psnr=bool(r["psnr"] > base[r["task"]]["psnr"]),
+                        fid=bool(r["fid"] is not None and r["fid"] < base[r["task"]]["fid"]),
+                        # beyond the luck of the images: PSNR gain over 2 standard errors (paired over images); FID
+                        # lower in >= 97.5 % of the paired bootstrap rounds
+                        psnr_clear=bool(r.get("psnr_gain", 0) > 2 * r.get("psnr_gain_se", np.inf)),
+                        fid_clear=bool(boot.get("a_lower_fraction", 0) >= 0.975)))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ddpm-run", required=True, help="a photos-dit run (DDPM prior)")
@@ -35,6 +59,8 @@ def main():
                     help="steps per method (DPS paper: 1000)")
     ap.add_argument("--pnp-samples", type=int, default=5, help="PnP-Flow noise draws averaged per step (paper: 5)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fid-extractor", default="photos", help="feature network for FID/KID (photos: shipped)")
+    ap.add_argument("--bootstrap", type=int, default=100, help="paired bootstrap rounds for FID vs the baseline")
     ap.add_argument("--json", default="docs/restore-benchmark.json")
     ap.add_argument("--grid", default="docs/restore-grid.png")
     args = ap.parse_args()
@@ -45,6 +71,7 @@ def main():
     from ditk.restore.classical import classical, name_for
     from ditk.restore.operators import build_operator
     from ditk.restore.pipeline import get_method, measure, psnr_ssim, restore_batch
+    from ditk.restore.set_metrics import bootstrap_fid_difference, fid_kid
 
     torch.set_num_threads(1)
     steps = {k: int(v) for k, v in (kv.split("=") for kv in args.steps.split(","))}
@@ -64,8 +91,11 @@ def main():
         base = classical(op, y, sigma_y)
         sec = (time.perf_counter() - start) / len(idx)
         psnr, ssim = psnr_ssim(base, truth)
+        truth_feats = fid_kid(truth, truth, args.fid_extractor, return_features=True)["features"]
+        fk = fid_kid(base, truth, args.fid_extractor, truth_features=truth_feats, return_features=True)
+        base_feats, base_psnr = fk["features"], np.array(psnr)
         rows.append(dict(task=task, sigma_y=sigma_y, method=f"classical ({name_for(op)})", psnr=np.mean(psnr),
-                         ssim=np.mean(ssim), nfe=0, sec=sec))
+                         ssim=np.mean(ssim), fid=fk["fid"], kid=fk["kid"], nfe=0, sec=sec))
         shown = [op.y_to_image(y).clamp(-1, 1), base]
         names = ["degraded", "classical"]
         for method in methods:
@@ -77,12 +107,20 @@ def main():
             res = restore_batch(pipe, op, method, y, idx, sigma_y=sigma_y, steps=steps.get(method), seed=args.seed,
                                 options=opts)
             psnr, ssim = psnr_ssim(res.images, truth)
+            fk = fid_kid(res.images, truth, args.fid_extractor, truth_features=truth_feats, return_features=True)
+            # is the difference to the baseline more than the luck of these N images? paired bootstrap over images
+            boot = bootstrap_fid_difference(fk["features"], base_feats, truth_feats, rounds=args.bootstrap)
+            gain = np.array(psnr) - base_psnr
             rows.append(dict(task=task, sigma_y=sigma_y, method=method, psnr=np.mean(psnr), ssim=np.mean(ssim),
-                             nfe=res.nfe, sec=res.seconds / len(idx)))
+                             fid=fk["fid"], kid=fk["kid"], nfe=res.nfe, sec=res.seconds / len(idx),
+                             fid_vs_baseline=boot, psnr_gain=float(gain.mean()),
+                             psnr_gain_se=float(gain.std(ddof=1) / np.sqrt(len(gain)))))
             shown.append(res.images)
             names.append(method)
             print(f"[bench] {task} {method}: PSNR {rows[-1]['psnr']:.2f} SSIM {rows[-1]['ssim']:.3f} "
-                  f"{rows[-1]['sec']:.2f} s/img", file=sys.stderr)
+                  f"FID {fmt(rows[-1]['fid'])} KID {rows[-1]['kid']:.4f} {rows[-1]['sec']:.2f} s/img", file=sys.stderr)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json + ".partial").write_text(json.dumps({"rows": rows}, indent=2) + "\n")  # survives a crash
         shown.append(truth)
         names.append("ground truth")
         columns = names
@@ -93,15 +131,21 @@ def main():
                 if pic.shape[-2:] != truth.shape[-2:]:
                     pic = torch.nn.functional.interpolate(pic, size=truth.shape[-2:], mode="nearest")
                 tiles.append(pic)
-    print("| task | σ_y | method | PSNR (dB) | SSIM | NFE | s / image |")
-    print("|---|---|---|---|---|---|---|")
+    print("| task | σ_y | method | PSNR (dB) | SSIM | FID | KID × 1000 | NFE | s / image |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['task']} | {r['sigma_y']} | {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['nfe']} | "
-              f"{r['sec']:.3f} |")
+        print(f"| {r['task']} | {r['sigma_y']} | {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {fmt(r['fid'])} | "
+              f"{1000 * r['kid']:.2f} | {r['nfe']} | {r['sec']:.3f} |")
+    verdicts = beats_baseline(rows)
+    for v in verdicts:
+        print(f"[bench] {v['task']} {v['method']}: PSNR {'beats' if v['psnr'] else 'does not beat'} the baseline"
+              f"{' (clearly)' if v['psnr_clear'] else ''}, FID {'beats' if v['fid'] else 'does not beat'} it"
+              f"{' (clearly)' if v['fid_clear'] else ''}", file=sys.stderr)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"rows": rows, "num_images": len(idx), "steps": steps,
                                            "pnp_samples": args.pnp_samples, "grid_columns": columns,
-                                           "ddpm_run": args.ddpm_run, "flow_run": args.flow_run}, indent=2) + "\n")
+                                           "ddpm_run": args.ddpm_run, "flow_run": args.flow_run,
+                                           "fid_extractor": args.fid_extractor, "beats_baseline": verdicts}, indent=2) + "\n")
     save_grid(torch.cat(tiles), args.grid, nrow=len(columns), scale=2)
     print(f"[bench] grid columns: {' | '.join(columns)} -> {args.grid}", file=sys.stderr)
 

@@ -12,8 +12,9 @@ SHORTCUTS = {"solver": "sample.solver", "steps": "sample.steps", "cfg_scale": "s
 @click.command("evaluate-fid")
 @click.argument("inputs", nargs=-1, metavar="[GEN] [REF] [KEY=VALUE]...", type=click.Path())
 @click.option("--extractor", default="auto", show_default=True,
-              help="Feature extractor: inception (the FID standard) or digits (for 8x8 digits); auto = digits with "
-                   "--run on a run trained on digits, inception otherwise.")
+              help="Feature extractor: inception (the FID standard), digits (for 8x8 digits) or photos (for 32x32 "
+                   "crops of the photos data set; trained by ditk, not Inception); auto = digits / photos with --run "
+                   "on a run trained on that data set, inception otherwise.")
 @click.option("--mode", type=click.Choice(MODES), default="clean", show_default=True,
               help="clean-fid protocol (how images reach 299x299).")
 @click.option("--weights-dir", type=click.Path(file_okay=False),
@@ -172,7 +173,7 @@ def command(inputs, extractor, mode, weights_dir, out, save_stats, cache_dir, no
         if run_dir is not None:
             from ditk.metrics.from_run import data_name
 
-            extractor = "digits" if data_name(run_dir) == "digits" else "inception"
+            extractor = {"digits": "digits", "photos": "photos"}.get(data_name(run_dir), "inception")
     handle = ExtractorHandle(extractor, mode=mode, weights_dir=weights_dir, device=device)
     options = dict(batch_size=batch_size, num_workers=workers, progress=progress)
 

@@ -38,6 +38,11 @@ def _pairs(values, flag):
               help="Method option, e.g. zeta=1.0 (dps), travel_length=5 (ddnm), eta=0.85 (ddrm), samples=1 (pnp-flow) (repeatable).")
 @click.option("--class-label", type=click.IntRange(min=0), help="Class-conditional priors: condition on this class "
               "(default: the null class, i.e. the unconditional model).")
+@click.option("--fid-extractor", default="auto", show_default=True,
+              help="With --degrade: feature network for FID/KID of the restored set against the truth: auto (the one "
+              "made for the prior's data: photos or digits), photos, digits, inception (needs --weights-dir), none.")
+@click.option("--weights-dir", type=click.Path(file_okay=False), help="Folder with the Inception weights "
+              "(--fid-extractor inception; default $DITK_WEIGHTS_DIR).")
 @click.option("--preset", shell_complete=complete_presets, help="Architecture of a bare weights file.")
 @click.option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True, help="Which weights of a run.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
@@ -45,7 +50,7 @@ def _pairs(values, flag):
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def command(source, inputs, task, method, sigma_y, degrade, resize, steps, seed, batch_size, task_opts, method_opts,
-            class_label, preset, weights, device, out, overwrite, no_progress):
+            class_label, fid_extractor, weights_dir, preset, weights, device, out, overwrite, no_progress):
     """Restore INPUTS (images or folders) with the prior in SOURCE (a run, a checkpoint, or weights + --preset).
 
     \b
@@ -74,6 +79,10 @@ def command(source, inputs, task, method, sigma_y, degrade, resize, steps, seed,
     from ditk.io import list_input_files
     from ditk.restore.pipeline import get_method, run
 
+    if fid_extractor not in ("auto", "none"):
+        from ditk.registry import FEATURE_EXTRACTORS
+
+        FEATURE_EXTRACTORS.get(fid_extractor)  # an unknown name fails now, with a suggestion
     if task not in TASKS:
         build_operator(task, (3, 8, 8))  # raises the "did you mean" error
     files = list_input_files(inputs)
@@ -98,9 +107,12 @@ def command(source, inputs, task, method, sigma_y, degrade, resize, steps, seed,
     report = run(pipe, files=files, task=task, method=method, out_dir=out, task_options=task_options,
                  method_options=method_options, sigma_y=sigma_y, steps=steps, seed=seed, batch_size=batch_size,
                  degrade_inputs=degrade, resize=resize, progress=not no_progress, source=pipe.source,
-                 class_label=class_label)
+                 class_label=class_label, fid_extractor=None if fid_extractor == "none" else fid_extractor,
+                 weights_dir=weights_dir)
     line = f"[ditk] {report['num']} images, {report['nfe_per_image']} NFE each, {report['seconds']:.1f}s"
     if "metrics" in report:
         line += f", PSNR {report['metrics']['psnr_db']:.2f} dB, SSIM {report['metrics']['ssim']:.3f}"
+        if report["metrics"].get("fid") is not None:
+            line += f", FID {report['metrics']['fid']:.3f}, KID {report['metrics']['kid']:.4f}"
     click.echo(line, err=True)
     click.echo(str(out))

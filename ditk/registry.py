@@ -79,7 +79,7 @@ SOLVERS = Registry("solver", ["ditk.sampling"])
 DATASETS = Registry("dataset", ["ditk.data.*"])
 AUTOENCODERS = Registry("autoencoder", ["ditk.autoencoders", "ditk.audio.vae"])
 CONDITIONERS = Registry("conditioner", ["ditk.conditioners", "ditk.caption.encoders"])
-FEATURE_EXTRACTORS = Registry("feature extractor", ["ditk.metrics.extractors"])
+FEATURE_EXTRACTORS = Registry("feature extractor", ["ditk.metrics.extractors", "ditk.metrics.photos_extractor"])
 
 CACHE_POLICIES = Registry("cache policy", ["ditk.cache.*"])
 DISTILL_METHODS = Registry("distillation method", ["ditk.distill.*"])

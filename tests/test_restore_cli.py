@@ -33,7 +33,10 @@ def test_restore_end_to_end(trained_run, clean_digits, tmp_path, method, extra):
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == method and report["nfe_per_image"] == 4 and report["num"] == 3
     assert report["task"]["task"] == "sr2" and report["sigma_y"] == 0.05
-    assert set(report["metrics"]) >= {"psnr_db", "ssim"}
+    assert set(report["metrics"]) >= {"psnr_db", "ssim", "fid", "kid"}
+    # FID/KID of the restored set against the truth, in the features of the extractor made for the digits
+    assert report["metrics"]["fid_protocol"]["extractor"] == "digits" and report["metrics"]["fid_protocol"]["n"] == 3
+    assert isinstance(report["metrics"]["kid"], float)
     for sub in ("restored", "degraded", "ground_truth"):
         assert len(list((out / sub).glob("*.png"))) == 3
     assert (out / "grid.png").is_file() and (out / "samples.npz").is_file()
@@ -70,6 +73,7 @@ def test_restore_with_a_flow_prior_and_degraded_inputs(flow_run, clean_digits, t
     (["--task", "blur", "--task-opt", "sigma=0"], "sigma must be > 0"),
     (["--task", "colorize"], "colorize needs RGB images"),
     (["--task", "sr2", "--degrade", "model.dpth=3"], "unknown key 'model.dpth'"),
+    (["--task", "sr2", "--degrade", "--fid-extractor", "photoss"], "did you mean 'photos'"),
 ])
 def test_bad_input_is_one_line_exit_2(trained_run, clean_digits, tmp_path, args, message):
     out = tmp_path / "out"

@@ -161,6 +161,25 @@ def psnr_ssim(restored: torch.Tensor, truth: torch.Tensor) -> tuple[list[float],
     return [round(float(v), 4) for v in psnr], [round(float(v), 5) for v in ssim]
 
 
+def set_fid(pipe, restored: torch.Tensor, clean: torch.Tensor, extractor: Optional[str], weights_dir=None) -> dict:
+    """FID / KID of the restored set against the ground truth (ditk.restore.set_metrics); `auto` picks the
+    extractor made for the prior's data set, and FID is null (with the reason) where there is none."""
+    from .set_metrics import auto_extractor, fid_kid
+
+    name = auto_extractor(pipe.cfg.data.get("name")) if extractor == "auto" else extractor
+    if name is None:
+        why = "--fid-extractor none" if extractor != "auto" else (
+            f"no feature network is made for data set '{pipe.cfg.data.get('name')}': pass --fid-extractor inception "
+            "(with --weights-dir) or photos/digits")
+        return {"fid": None, "kid": None, "fid_note": f"not computed: {why}"}
+    if len(restored) < 2:
+        return {"fid": None, "kid": None, "fid_note": "not computed: FID and KID need at least 2 images"}
+    out = fid_kid(restored, clean, name, weights_dir)
+    return {"fid": out.pop("fid"), "kid": out.pop("kid"), "fid_protocol": {
+        **out, "note": "FID on a few dozen images is biased upwards and noisy: compare only at the same image count "
+                       "and extractor; KID is unbiased"}}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The command
 
@@ -180,7 +199,8 @@ def grid_rows(degraded_pics: torch.Tensor, restored: torch.Tensor, truth: Option
 
 def run(pipe, *, files: Sequence[Path], task: str, method: str, out_dir: Path, task_options: dict, method_options: dict,
         sigma_y: float, steps: Optional[int], seed: int, batch_size: int, degrade_inputs: bool, resize: bool,
-        progress: bool, source: str, class_label: Optional[int] = None) -> dict:
+        progress: bool, source: str, class_label: Optional[int] = None, fid_extractor: Optional[str] = "auto",
+        weights_dir: Optional[str] = None) -> dict:
     from ..atomic import atomic_dir, write_text
     from ..io import save_grid, save_npz, save_pngs, to_uint8
     from ..runs import save_json
@@ -230,9 +250,7 @@ def run(pipe, *, files: Sequence[Path], task: str, method: str, out_dir: Path, t
         report["metrics"] = {"psnr_db": round(float(np.mean(psnr)), 3), "ssim": round(float(np.mean(ssim)), 4),
                              "per_image": {"psnr_db": psnr, "ssim": ssim},
                              "protocol": "8-bit RGB (or gray), data range 1, no border crop, torchmetrics"}
-        report["metrics"]["fid"] = None
-        report["metrics"]["fid_note"] = ("not computed: FID on a restored set needs an offline feature extractor "
-                                         "for these images and far more than a few dozen images")
+        report["metrics"].update(set_fid(pipe, restored, clean, fid_extractor, weights_dir))
     with atomic_dir(out_dir) as tmp:
         save_pngs(restored, tmp / "restored")
         save_pngs(pictures, tmp / "degraded")
