@@ -86,11 +86,12 @@ def shard(module: torch.nn.Module, mesh, tc, blocks, train: bool = True) -> torc
 
     # The EMA copy is only read (sampling grids): no gradient reduction, fp32 weights.
     policy = mixed_precision_policy(tc) if train else MixedPrecisionPolicy()
-    kwargs = {"mesh": mesh, "mp_policy": policy}
+    # Blocks hand bf16 activations to each other; only the root's output goes back to fp32 (the loss).
+    inner = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype)
     for block in blocks:
-        fully_shard(block, reshard_after_forward=tc.fsdp_reshard_after_forward, **kwargs)
+        fully_shard(block, mesh=mesh, mp_policy=inner, reshard_after_forward=tc.fsdp_reshard_after_forward)
     # The root's own parameters are needed again at once by the backward: keep them gathered (FSDP2's advice).
-    fully_shard(module, reshard_after_forward=False, **kwargs)
+    fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     if train and policy.param_dtype == torch.bfloat16:
         # Layers outside the blocks may meet fp32 tensors the model makes itself (sinusoidal timestep features):
         # autocast runs them in bf16, as accelerate does for its FSDP mixed precision.

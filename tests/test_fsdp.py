@@ -131,3 +131,22 @@ def test_fsdp_settings_are_checked_in_one_line(override, message):
     cfg = resolve("digits-dit", ["train.distributed=fsdp", override])
     with pytest.raises(ConfigError, match=message):
         check_config(cfg.train)
+
+
+def test_memory_table_shards_the_paper_sized_model(capsys, monkeypatch):
+    """benchmarks/fsdp_memory.py: DiT-XL/2 built on the meta device has the paper's 675M parameters, and
+    fully_shard over 8 (fake) ranks gives rank 0 an eighth of them plus first-dimension padding."""
+    import importlib.util
+
+    script = Path(__file__).parents[1] / "benchmarks" / "fsdp_memory.py"
+    spec = importlib.util.spec_from_file_location("fsdp_memory", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["fsdp_memory.py", "--presets", "dit-xl-2", "--gpus", "8"])
+    rows = bench.main()  # sets up and tears down its fake process group
+    assert not torch.distributed.is_initialized()
+    (row,) = rows
+    assert row["params"] == 675_129_632 and row["blocks"] == 28
+    assert row["params"] / 8 < row["local_params"] < row["params"] / 8 * 1.01
+    assert row["ddp_gb"] / row["sharded_gb"] == pytest.approx(8, rel=0.01)
+    assert "| dit-xl-2 | 0.68B |" in capsys.readouterr().out
