@@ -49,6 +49,9 @@ def check_config(tc) -> None:
     if tc.mixed_precision == "fp16":
         raise ConfigError("train.distributed=fsdp with train.mixed_precision=fp16 needs a sharded loss scaler, "
                           "which ditk does not have: use train.mixed_precision=bf16")
+    if str(tc.compile) in ("full", "True", "true"):
+        raise ConfigError("train.compile=full compiles FSDP's hooks with the model, which ditk has not verified: "
+                          "use train.compile=regional with train.distributed=fsdp (each block compiled, then sharded)")
     if tc.fsdp_shard_size < 0:
         raise ConfigError(f"train.fsdp_shard_size={tc.fsdp_shard_size} must be >= 0 (0 = processes per node): fix it")
 

@@ -416,7 +416,8 @@ def train_in_run_dir(cfg: DictConfig, path: Path, resume: bool | None, progress:
 RESUMABLE_KEYS = {"run.dir", "run.name", "train.max_steps", "train.log_every", "train.ckpt_every", "train.sample_every",
                   "train.keep_last", "train.num_workers", "train.skip_nonfinite", "sample",
                   # speed levers: the same step, other kernels (ditk.speed)
-                  "train.compile", "train.activation_checkpointing", "optim.impl", "runtime"}
+                  "train.compile", "train.activation_checkpointing", "optim.impl", "runtime",
+                  "train.fsdp_reshard_after_forward"}  # FSDP: when weights are gathered again, not what is computed
 
 
 def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None, parent: str | None = None) -> DictConfig:

@@ -124,6 +124,7 @@ def test_fsdp_needs_several_processes(tmp_path):
     ("train.fsdp_sharding=partial", "not one of full, hybrid"),
     ("train.fsdp_param_dtype=fp8", "not one of auto, fp32, bf16"),
     ("train.mixed_precision=fp16", "use train.mixed_precision=bf16"),
+    ("train.compile=full", "use train.compile=regional"),
 ])
 def test_fsdp_settings_are_checked_in_one_line(override, message):
     from ditk.fsdp import check_config
