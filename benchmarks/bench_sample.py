@@ -57,14 +57,22 @@ def random_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 class CallCounter:
-    """Counts the denoiser's forward calls (NFE) through a forward pre-hook."""
+    """Counts the denoiser's forward calls (NFE) through a forward pre-hook, or by wrapping a function (the
+    official `forward_with_cfg` calls `self.forward` directly, which module hooks do not see)."""
 
-    def __init__(self, model):
+    def __init__(self, model=None):
         self.calls = 0
-        self.handle = model.register_forward_pre_hook(self._count)
+        if model is not None:
+            model.register_forward_pre_hook(self._count)
 
-    def _count(self, module, args):
+    def _count(self, *args):
         self.calls += 1
+
+    def wrap(self, fn):
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return fn(*args, **kwargs)
+        return counted
 
 
 def ditk_variant(cfg, base_model, args, device):
@@ -123,7 +131,8 @@ def official_variant(path, cfg, base_model, args, device):
         kwargs, fn = dict(y=y, cfg_scale=sc.cfg_scale), model.forward_with_cfg
     else:
         z, kwargs, fn = noise, dict(y=y), model.forward
-    counter = CallCounter(model)
+    counter = CallCounter()
+    fn = counter.wrap(fn)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=sc.precision == "bf16")
 
     @torch.no_grad()
