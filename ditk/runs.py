@@ -4,7 +4,8 @@ runs/<name>/
   config.yaml                 fully resolved config (enough to re-create the run)
   lineage.json                command line, ditk version, parent run
   metrics.jsonl               one JSON object per logged step
-  checkpoints/step-NNNNNN/    model.safetensors, ema.safetensors, state.pt, manifest.json (written last)
+  checkpoints/step-NNNNNN/    model.safetensors, ema.safetensors, state.pt, manifest.json (written last);
+                              train.distributed=fsdp runs add sharded/ (model, EMA, optimizer shards: ditk/fsdp.py)
   checkpoints/latest          text file naming the newest complete checkpoint (a hint, see below)
   samples/                    grids written during training
   .lock                       who holds the run (flock; released by the OS when the holder dies)
