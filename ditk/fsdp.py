@@ -12,7 +12,7 @@ set up the processes and calls `fully_shard` itself, the same code path on CPU (
 
 Checkpoints (checkpoints/step-NNNNNN/):
   sharded/                    torch.distributed.checkpoint (DCP) of model, EMA and optimizer, each process
-                              writing its shard: exact resume, also onto another number of processes
+                              writing its shard: exact resume (DCP reshards for another process count: untested)
   model.safetensors, ema.safetensors   the full weights, gathered to rank 0 at save time, so that
                               `ditk sample`, `--weights model`, `train.init_from` read an FSDP run as any other
 The manifest covers the shards too. DCP writes every shard into one folder: processes on several nodes
@@ -147,7 +147,7 @@ def save_sharded(folder: Path, model, ema, optimizer, uses_ema: bool, is_main: b
 
 
 def load_sharded(folder: Path, model, ema, optimizer, uses_ema: bool) -> None:
-    """Restore model, EMA and optimizer shards from `folder` (resharding if the process count changed)."""
+    """Restore model, EMA and optimizer shards from `folder` (DCP maps saved shards onto the current ones)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
