@@ -12,7 +12,7 @@ set up the processes and calls `fully_shard` itself, the same code path on CPU (
 
 Checkpoints (checkpoints/step-NNNNNN/):
   sharded/                    torch.distributed.checkpoint (DCP) of model, EMA and optimizer, each process
-                              writing its shard: exact resume (DCP reshards for another process count: untested)
+                              writing its shard: exact resume, also onto another process count (DCP reshards)
   model.safetensors, ema.safetensors   the full weights, gathered to rank 0 at save time, so that
                               `ditk sample`, `--weights model`, `train.init_from` read an FSDP run as any other
 The manifest covers the shards too. DCP writes every shard into one folder: processes on several nodes
