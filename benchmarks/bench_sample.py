@@ -3,6 +3,10 @@
     python benchmarks/bench_sample.py [--preset dit-s-2] [--steps 50] [--batch 8] [--device cpu|cuda]
         [--precision fp32|bf16] [--solver ddpm] [--cfg-scale 4.0] [--cache none] [--compile] [--repeats 3]
         [--warmup 1] [--variant NAME:KEY=V,KEY=V ...] [--official PATH] [--json out.json] [KEY=VALUE ...]
+    python benchmarks/bench_sample.py --suite dit-s-2,dit-b-2,dit-xl-2 --device cuda --batch 32 --json gpu-sample.json
+
+The second is the whole GPU sampling table (each preset in fp32 and bf16, eager and compiled, 50 DDPM steps with
+guidance 4.0 unless --steps/--solver/--cfg-scale say otherwise; on CPU fp32 only); it has not been run (no GPU here).
 
 Each variant is ditk's sampling loop (`ditk.sampling.sample`, what `ditk sample` runs, with the feature-cache
 policy and compiled units of `ditk.generate.sample_images`) on one batch of latents, under the preset plus the
@@ -188,10 +192,31 @@ def main(argv=None):
                         help="NAME:KEY=V,KEY=V a ditk setting (repeatable; the first is the reference)")
     parser.add_argument("--official", default="", help="path of a local facebookresearch/DiT checkout")
     parser.add_argument("--json", default="", help="write the results here as JSON")
+    parser.add_argument("--suite", default="",
+                        help="comma-separated presets: run each in fp32 and bf16, variants (default) eager and "
+                             "compiled (sample.compile=true); e.g. the GPU table: dit-s-2,dit-b-2,dit-xl-2")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--steps, --batch and --repeats must be >= 1, --warmup >= 0")
-    result = run(args)
+    if not args.suite:
+        result = run(args)
+    else:
+        import gc
+
+        result = []
+        # ditk samples in bf16 only on CUDA (autocast there; refused on CPU): a CPU dry run does fp32 alone.
+        precisions = ("fp32", "bf16") if args.device.startswith("cuda") else ("fp32",)
+        for preset in filter(None, args.suite.split(",")):
+            for precision in precisions:
+                one = argparse.Namespace(**{**vars(args), "preset": preset, "precision": precision,
+                                            "cfg_scale": 4.0 if args.cfg_scale is None else args.cfg_scale,
+                                            "solver": args.solver or "ddpm",
+                                            "variant": args.variant or ["eager:sample.compile=false",
+                                                                        "compiled:sample.compile=true"]})
+                result.append(run(one))
+                gc.collect()  # free one configuration's models before the next
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -27,3 +27,18 @@ def test_bench_sample_dry_run_writes_its_table_and_json(tmp_path, capsys):
         assert abs(r["ms_per_step"] - r["seconds"] / r["steps"] * 1e3) < 1e-9 and r["cfg_scale"] == 2.0
     table = capsys.readouterr().out
     assert "ms/step" in table and "fora" in table
+
+
+def test_bench_sample_suite_dry_run(tmp_path):
+    """The GPU table's command on CPU: every preset, fp32 only (ditk samples in bf16 only on CUDA)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sample.py"
+    spec = importlib.util.spec_from_file_location("bench_sample_suite", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tiny_model = [o for o in TINY if o.startswith("model.")]
+    result = bench.main(["--suite", "digits-dit", "--steps", "2", "--batch", "1", "--repeats", "1", "--warmup", "0",
+                         "--device", "cpu", "--variant", "eager:sample.compile=false", "--json",
+                         str(tmp_path / "s.json"), *tiny_model])
+    assert [(r["preset"], r["precision"]) for r in result] == [("digits-dit", "fp32")]
+    row = json.loads((tmp_path / "s.json").read_text())[0]["rows"][0]
+    assert row["variant"] == "eager" and row["solver"] == "ddpm" and row["cfg_scale"] == 4.0 and row["nfe"] == 2
