@@ -3,6 +3,7 @@ checkpoints, single-file weights that `ditk sample` reads, one-line configuratio
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,9 +44,17 @@ def runs(tmp_path_factory):
              f"hybrid:4:{FSDP},train.fsdp_sharding=hybrid,train.fsdp_shard_size=1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(tests / "distributed_runs.py"), str(root), *specs]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "FSDP (full sharding)" in proc.stderr and "FSDP (hybrid sharding)" in proc.stderr
+    # Its own process group, so that a timeout stops the workers too (killing torchrun alone would orphan them).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        raise AssertionError(f"the two-process runs did not finish in 240 s:\n{stderr[-3000:]}") from None
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "FSDP (full sharding)" in stderr and "FSDP (hybrid sharding)" in stderr
     return root
 
 
