@@ -17,7 +17,14 @@ Variants run ALTERNATING, one step each per round, so that a busy machine slows 
 median step time, images/s, model FLOPs per step (FlopCounterMode) and MFU against a large matmul timed
 on the same device and precision, the time blocked on the data loader, peak memory (CUDA: allocated; CPU: the
 process's max RSS) and each variant's time relative to the first. The data are random latents served by a
-DataLoader (`--workers`): the same for every variant; the VAE is not part of the step.
+DataLoader (`--workers`): the same for every variant; the VAE is not part of the step, unless `--vae`.
+
+`--vae`: end to end with a VAE, ditk's default against the official code's way. Each variant then runs twice:
+on precomputed latents (`train.precompute_latents=true`: the step reads 32x32x4 latents) and, as `NAME+vae`, on
+pixels encoded by the VAE at every step (facebookresearch/DiT train.py: `vae.encode(x).latent_dist.sample()
+* 0.18215` under no_grad, fp32, before the model). The VAE is an AutoencoderKL of Stable Diffusion's real
+architecture (the sd-vae-ft-ema config, 83.7M parameters) with random weights: no download, and the
+encoder's cost does not depend on its weights. With --official, the official step also encodes every step.
 """
 
 from __future__ import annotations
@@ -55,8 +62,23 @@ def _loader(shape, num_classes, batch, workers, seed):
         yield from loader
 
 
-def ditk_variant(preset, overrides, args, device):
-    """ditk's step for one lever set; returns (step function, parameter count, config)."""
+def sd_vae(device):
+    """Stable Diffusion's VAE (stabilityai/sd-vae-ft-ema's config.json) with random weights, as ditk's encoder."""
+    from diffusers import AutoencoderKL
+
+    from ditk.autoencoders import KLAutoencoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                        layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=256,
+                        scaling_factor=0.18215)
+    return KLAutoencoder(vae.to(device), "sd-vae-ft-ema config, random weights", scale_factor=0.18215)
+
+
+def ditk_variant(preset, overrides, args, device, vae=None):
+    """ditk's step for one lever set; returns (step function, parameter count, config). vae: encode pixels at
+    every step (the official way) instead of reading precomputed latents."""
     cfg = resolve(preset, overrides, allow_missing=("data", "autoencoder"))
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -67,7 +89,8 @@ def ditk_variant(preset, overrides, args, device):
     apply_model_levers(model, cfg.train)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, device)
     shape = latent_shape(model)
-    batches = _loader(shape, getattr(model, "num_classes", 0) or 0, args.batch, args.workers, 0)
+    pixels = (3, shape[1] * vae.downsample, shape[2] * vae.downsample) if vae is not None else shape
+    batches = _loader(pixels, getattr(model, "num_classes", 0) or 0, args.batch, args.workers, 0)
     gen = torch.Generator().manual_seed(0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
@@ -82,6 +105,8 @@ def ditk_variant(preset, overrides, args, device):
         x0, labels = next(batches)
         wait = time.perf_counter() - t0
         x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if vae is not None:
+            x0 = vae.encode(x0, generator=gen)  # no_grad, fp32: as the official train.py
         t = objective.sample_time(args.batch, gen).to(device)
         noise = torch.randn((args.batch, *shape), generator=gen).to(device)
         with autocast:
@@ -96,7 +121,7 @@ def ditk_variant(preset, overrides, args, device):
     return step, sum(p.numel() for p in model.parameters()), cfg
 
 
-def official_variant(path, cfg, args, device):
+def official_variant(path, cfg, args, device, vae=None):
     """The official DiT training step (facebookresearch/DiT train.py), imported from a local checkout."""
     sys.path.insert(0, path)
     try:
@@ -113,6 +138,8 @@ def official_variant(path, cfg, args, device):
     diffusion = create_diffusion(timestep_respacing="")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
     shape = (m.in_channels, m.input_size, m.input_size)
+    if vae is not None:
+        shape = (3, m.input_size * vae.downsample, m.input_size * vae.downsample)
     batches = _loader(shape, m.num_classes, args.batch, args.workers, 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     model.train()
@@ -128,6 +155,9 @@ def official_variant(path, cfg, args, device):
         x, y = next(batches)
         wait = time.perf_counter() - t0
         x, y = x.to(device), y.to(device)
+        if vae is not None:
+            with torch.no_grad():  # official train.py
+                x = vae.vae.encode(x).latent_dist.sample().mul_(0.18215)
         t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
         with autocast:
             loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
@@ -212,6 +242,8 @@ def main(argv=None):
                         help="NAME:KEY=V,KEY=V a ditk lever set (repeatable; the first is the reference)")
     parser.add_argument("--official", default="", help="path of a local facebookresearch/DiT checkout")
     parser.add_argument("--json", default="", help="write the results here as JSON")
+    parser.add_argument("--vae", action="store_true",
+                        help="also run each variant encoding pixels with a random SD-VAE at every step (NAME+vae)")
     parser.add_argument("--suite", default="",
                         help="comma-separated presets: run each in fp32 and bf16, variants (default) eager and "
                              "compiled (train.compile=regional); e.g. the GPU table: dit-s-2,dit-b-2,dit-xl-2")
@@ -244,14 +276,19 @@ def run(args):
     device = torch.device(args.device)
 
     variants, cfg = [], None
+    vae = sd_vae(device) if getattr(args, "vae", False) else None
     for spec in args.variant or ["ditk:"]:
         name, _, keys = spec.partition(":")
-        step, params, cfg_v = ditk_variant(args.preset, [*args.overrides, *filter(None, keys.split(","))], args, device)
+        overrides = [*args.overrides, *filter(None, keys.split(","))]
+        step, params, cfg_v = ditk_variant(args.preset, overrides, args, device)
         cfg = cfg or cfg_v
         variants.append((name, step, params))
+        if vae is not None:
+            step, params, _ = ditk_variant(args.preset, overrides, args, device, vae=vae)
+            variants.append((f"{name}+vae", step, params))
     if args.official:
-        step, params = official_variant(args.official, cfg, args, device)
-        variants.append(("official", step, params))
+        step, params = official_variant(args.official, cfg, args, device, vae=vae)
+        variants.append(("official+vae" if vae is not None else "official", step, params))
 
     flops = step_flops(cfg, args, device)
     ceiling = matmul_ceiling(device, args.precision)
@@ -283,6 +320,9 @@ def run(args):
               "steps": args.steps, "default_threads": DEFAULT_THREADS, "overrides": args.overrides,
               "process_max_rss_mb": rss_mb, "model_gflop_per_step": flops / 1e9,
               "matmul_ceiling_gflops": ceiling / 1e9, "rows": rows}
+    if vae is not None:
+        result["vae_params"] = sum(p.numel() for p in vae.vae.parameters())
+        print(f"VAE: {result['vae_params']:,} parameters ({vae.path}); model FLOPs and MFU count the DiT only")
     return result
 
 

@@ -20,6 +20,7 @@ def command(preset, overrides, run_dir, resume, no_progress):
       ditk train digits-dit
       ditk train dit-xl-2 data.path=/data/imagenet/train autoencoder.path=/models/sd-vae-ft-ema
       torchrun --nproc_per_node 8 -m ditk train dit-b-2 ...   (DDP through accelerate)
+      torchrun --nproc_per_node 8 -m ditk train dit-moe-g-2-16e2a ... train.distributed=fsdp   (sharded)
 
     Prints the run directory on stdout when done. Exit 75 when pre-empted (SIGTERM/SIGUSR1) and 130 on
     Ctrl-C: a checkpoint was saved and the same command resumes the run. Exit 1 when the loss or the

@@ -4,7 +4,8 @@ runs/<name>/
   config.yaml                 fully resolved config (enough to re-create the run)
   lineage.json                command line, ditk version, parent run
   metrics.jsonl               one JSON object per logged step
-  checkpoints/step-NNNNNN/    model.safetensors, ema.safetensors, state.pt, manifest.json (written last)
+  checkpoints/step-NNNNNN/    model.safetensors, ema.safetensors, state.pt, manifest.json (written last);
+                              train.distributed=fsdp runs add sharded/ (model, EMA, optimizer shards: ditk/fsdp.py)
   checkpoints/latest          text file naming the newest complete checkpoint (a hint, see below)
   samples/                    grids written during training
   .lock                       who holds the run (flock; released by the OS when the holder dies)
@@ -215,9 +216,10 @@ def _checksum(path: Path, algorithm: str = CHECKSUM) -> str:
 
 
 def write_manifest(folder: Path, step: int) -> None:
-    """manifest.json: size and checksum of every file in the checkpoint folder. Written last."""
-    files = {p.name: {"size": p.stat().st_size, "checksum": _checksum(p)}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    """manifest.json: size and checksum of every file in the checkpoint folder, sub-folders included (an FSDP
+    run's sharded/ state), by relative path. Written last."""
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "checksum": _checksum(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"step": step, "algorithm": CHECKSUM, "files": files}, indent=1) + "\n")
 
 
@@ -280,10 +282,11 @@ def _kill_point(point: str, step: int) -> None:
 
 
 def save_checkpoint(run: RunDir, step: int, model_sd: dict, ema_sd: dict, state: dict, keep_last: int = 0,
-                    files: Optional[dict] = None) -> Path:
+                    files: Optional[dict] = None, folders: Optional[dict] = None) -> Path:
     """Write checkpoints/step-NNNNNN atomically (files, then the manifest last, fsync, rename), then point
     `latest` at it, then prune old ones. `files`: extra small files {name: text} to keep in the checkpoint
-    (the loop stores a copy of config.yaml as run-config.yaml); the manifest covers them too."""
+    (the loop stores a copy of config.yaml as run-config.yaml); `folders`: {name: folder already written
+    beside it} moved into the checkpoint (an FSDP run's sharded state); the manifest covers them too."""
     target = run.checkpoints / checkpoint_name(step)
     with atomic_dir(target) as tmp:
         save_file(_contiguous(model_sd), str(tmp / "model.safetensors"))
@@ -292,6 +295,8 @@ def save_checkpoint(run: RunDir, step: int, model_sd: dict, ema_sd: dict, state:
         torch.save(state, tmp / "state.pt")
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
+        for name, folder in (folders or {}).items():
+            os.replace(folder, tmp / name)
         _kill_point("state", step)
         write_manifest(tmp, step)
         _kill_point("manifest", step)

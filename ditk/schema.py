@@ -45,6 +45,14 @@ class TrainConfig:
     compile: str = "none"  # torch.compile the model for training: none | full (= true) | regional (each block; starts faster)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: memory for batch size
     skip_nonfinite: int = 0  # skip up to N steps whose loss or gradient norm is NaN/inf (0: stop at the first, exit 1)
+    # Several processes (torchrun): ddp = a full replica per process | fsdp = parameters, gradients and Adam state
+    # sharded over the processes (ditk.fsdp; sharded checkpoints, plus single-file weights for `ditk sample`).
+    distributed: str = "ddp"
+    fsdp_sharding: str = "full"  # full: shard over all processes | hybrid: shard within groups, replicate across them
+    fsdp_shard_size: int = 0  # hybrid: processes per shard group (0 = LOCAL_WORLD_SIZE, i.e. the GPUs of one node)
+    fsdp_param_dtype: str = "auto"  # gather/compute dtype: auto (bf16 when mixed_precision=bf16, else fp32) | fp32 | bf16
+    fsdp_reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype: fp32 | bf16
+    fsdp_reshard_after_forward: bool = True  # free each block's gathered weights after its forward (ZeRO-3)
 
 
 @dataclass

@@ -72,14 +72,20 @@ def restore_optimizer_flags(optimizer: torch.optim.Optimizer, flags: dict) -> No
                     state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- ema + (1 - decay) (model - ema) for every parameter, as one multi-tensor lerp per dtype
     (bit-identical to `p_ema.lerp_(p, 1 - decay)` per parameter: the same formula, fewer kernel launches)."""
     ema_params, params = [], []
     for p_ema, p in zip(ema.parameters(), model.parameters()):
+        # Sharded (FSDP) parameters: each process updates its own shard (the two copies are sharded alike).
+        p_ema, p = _local(p_ema), _local(p.detach())
         ema_params.append(p_ema)
-        params.append(p.detach().to(p_ema.dtype))
+        params.append(p.to(p_ema.dtype))
     if ema_params:
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 

@@ -23,8 +23,8 @@ from .build import (build_autoencoder, build_conditioner, build_dataset, build_m
                     check_model_data, check_model_objective, latent_shape)
 from .config import section_obj, to_yaml
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, ConfigError, RunFailed
-from .runs import RunDir, is_main_rank, load_state, load_weights, save_checkpoint, save_json
-from .speed import (apply_model_levers, build_optimizer, optimizer_flags, restore_optimizer_flags, set_threads,
+from .runs import RunDir, checkpoint_name, is_main_rank, load_state, load_weights, save_checkpoint, save_json
+from .speed import (_blocks, apply_model_levers, build_optimizer, optimizer_flags, restore_optimizer_flags, set_threads,
                     update_ema)  # noqa: F401  (update_ema: re-exported, tests and distill import it from here)
 from .atomic import write_text
 
@@ -120,6 +120,9 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
 
     tc = cfg.train
     set_threads(cfg)
+    from . import fsdp
+
+    fsdp.check_config(tc)
     # cpu=True without a GPU: accelerate then sets up multi-process CPU training (gloo) under torchrun.
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps,
                               cpu=not torch.cuda.is_available())
@@ -130,13 +133,18 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
             f"{world} x {tc.grad_accum_steps}: change one of them"
         )
     micro = tc.global_batch_size // (world * tc.grad_accum_steps)
+    sharded = tc.distributed == "fsdp"  # parameters, gradients, Adam state and EMA sharded over the processes
+    if sharded and world < 2:
+        raise ConfigError("train.distributed=fsdp shards over several processes but this is one: launch it with "
+                          "torchrun --nproc_per_node N -m ditk train ..., or set train.distributed=ddp")
     if tc.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
     run = RunDir(run_path)
     ckpt = run.latest_checkpoint(say=accelerator.is_main_process)  # verified; falls back past a damaged one
-    log(f"{world} process(es) on {device}, {micro} images per micro-batch, mixed precision: {tc.mixed_precision}")
+    log(f"{world} process(es) on {device}, {micro} images per micro-batch, mixed precision: {tc.mixed_precision}"
+        + (f", FSDP ({tc.fsdp_sharding} sharding)" if sharded else ""))
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
     model = build_model(cfg)
@@ -170,6 +178,14 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
     if hasattr(objective, "attach"):  # a distillation method (ditk.distill): loads its frozen teacher, sees the EMA
         objective.attach(ema=ema, conditioner=conditioner, device=device, run_dir=run.path)
 
+    if sharded:  # before the optimizer: sharding replaces the parameters by their shards
+        for lever in apply_model_levers(model, tc):  # per block, before sharding (as torchtitan orders them)
+            log(lever)
+        mesh = fsdp.device_mesh(tc, device, world)
+        blocks = _blocks(model, "train.distributed=fsdp")
+        fsdp.shard(model, mesh, tc, blocks)
+        if uses_ema:
+            fsdp.shard(ema, mesh, tc, _blocks(ema, "train.distributed=fsdp"), train=False)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, device)
     lr_scheduler = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                                  num_training_steps=tc.max_steps)
@@ -179,11 +195,14 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
         from .models.convert import load_state_dict_checked
 
         state = load_state(ckpt)
-        # A config.yaml edited since (another depth, width, ...) is one line naming the key, not a traceback.
-        load_state_dict_checked(model, load_weights(ckpt, "model"), str(ckpt / "model.safetensors"))
-        if uses_ema:
-            load_state_dict_checked(ema, load_weights(ckpt, "ema"), str(ckpt / "ema.safetensors"))
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:  # each process reads its shards of model, EMA and optimizer
+            fsdp.load_sharded(ckpt / fsdp.SHARDED_DIR, model, ema, optimizer, uses_ema)
+        else:
+            # A config.yaml edited since (another depth, width, ...) is one line naming the key, not a traceback.
+            load_state_dict_checked(model, load_weights(ckpt, "model"), str(ckpt / "model.safetensors"))
+            if uses_ema:
+                load_state_dict_checked(ema, load_weights(ckpt, "ema"), str(ckpt / "ema.safetensors"))
+            optimizer.load_state_dict(state["optimizer"])
         restore_optimizer_flags(optimizer, optimizer_flags(cfg.optim.impl, device))
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if "objective" in state:  # an objective's own training state (e.g. progressive distillation's round teacher)
@@ -192,10 +211,11 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
         log(f"resuming {run.path} from {ckpt.name}")
     if accelerator.is_main_process:  # drop records logged after the checkpoint (or all, if there is none)
         run.truncate_metrics(start_step)
-    ema.to(device)
-    for lever in apply_model_levers(model, tc):  # after the EMA copy: the levers are the trained model's only
-        log(lever)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:
+        ema.to(device)
+        for lever in apply_model_levers(model, tc):  # after the EMA copy: the levers are the trained model's only
+            log(lever)
+        model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
     sampler = ResumableBatchSampler(len(dataset), tc.global_batch_size, cfg.run.seed, start_step=start_step,
@@ -212,24 +232,42 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
     drop_p = float(getattr(cfg.model, "class_dropout_prob", 0.0))
 
     def save(step: int) -> None:
+        folders = {}
+        if sharded:  # collective: every process writes its shards, then the full weights are gathered to rank 0
+            staged = fsdp.staging_dir(run.checkpoints, checkpoint_name(step))
+            fsdp.save_sharded(staged, model, ema, optimizer, uses_ema, accelerator.is_main_process)
+            folders = {fsdp.SHARDED_DIR: staged}
+            model_sd = fsdp.full_state_dict(model)
+            ema_sd = fsdp.full_state_dict(ema) if uses_ema else model_sd
         if accelerator.is_main_process:
-            state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+            state = {"step": step, "lr_scheduler": lr_scheduler.state_dict(),
                      "rng": _rng_state(), "data": {"seed": cfg.run.seed, "global_batch_size": tc.global_batch_size},
                      # the running-loss window, so the first record after a resume equals the uninterrupted run's
                      "log_window": {"loss_sum": window_loss, "steps": window_steps}, "nonfinite_skipped": skipped}
+            if not sharded:
+                state["optimizer"] = optimizer.state_dict()
+                model_sd, ema_sd = raw_model.state_dict(), ema.state_dict()
             if hasattr(objective, "state_dict"):
                 state["objective"] = objective.state_dict()
-            path = save_checkpoint(run, step, raw_model.state_dict(), ema.state_dict(), state, tc.keep_last,
-                                   files={"run-config.yaml": to_yaml(cfg)})
+            path = save_checkpoint(run, step, model_sd, ema_sd, state, tc.keep_last,
+                                   files={"run-config.yaml": to_yaml(cfg)}, folders=folders)
             log(f"saved {path}")
         accelerator.wait_for_everyone()
 
     def sample_grid(step: int) -> None:
-        if accelerator.is_main_process and objective.solvers:  # an objective without solvers (A-JEPA) samples nothing
+        # A sharded EMA's forward is collective: under FSDP every process samples the grid, rank 0 keeps it.
+        if (accelerator.is_main_process or sharded) and objective.solvers:  # A-JEPA (no solvers) samples nothing
+            import tempfile
+
             from .generate import Pipeline, write_training_grid
 
             pipe = Pipeline(cfg, ema, objective, autoencoder, conditioner, device)
-            write_training_grid(pipe, run.samples / f"step-{step:06d}.png")
+            name = f"step-{step:06d}.png"
+            if accelerator.is_main_process:
+                write_training_grid(pipe, run.samples / name)
+            else:
+                with tempfile.TemporaryDirectory() as scratch:
+                    write_training_grid(pipe, Path(scratch) / name)
         accelerator.wait_for_everyone()
 
     step = start_step
@@ -276,6 +314,7 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
                 accelerator.backward(loss)
             step_loss += loss.detach().float() / tc.grad_accum_steps
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        grad_norm = fsdp.full_norm(grad_norm)  # sharded gradients: a DTensor holding the global norm
         # The same on every process: the loss is averaged over them and the gradient norm is global.
         loss_value = accelerator.reduce(step_loss.to(device), "mean").item()
         # fp16: an inf gradient norm is the loss scaler's business (it skips that step and lowers the scale)
@@ -377,7 +416,8 @@ def train_in_run_dir(cfg: DictConfig, path: Path, resume: bool | None, progress:
 RESUMABLE_KEYS = {"run.dir", "run.name", "train.max_steps", "train.log_every", "train.ckpt_every", "train.sample_every",
                   "train.keep_last", "train.num_workers", "train.skip_nonfinite", "sample",
                   # speed levers: the same step, other kernels (ditk.speed)
-                  "train.compile", "train.activation_checkpointing", "optim.impl", "runtime"}
+                  "train.compile", "train.activation_checkpointing", "optim.impl", "runtime",
+                  "train.fsdp_reshard_after_forward"}  # FSDP: when weights are gathered again, not what is computed
 
 
 def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None, parent: str | None = None) -> DictConfig:

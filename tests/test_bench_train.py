@@ -38,3 +38,18 @@ def test_bench_train_suite_runs_each_preset_in_both_precisions(tmp_path):
                          "--variant", "eager:train.compile=none", "--json", str(tmp_path / "s.json"), *tiny_model])
     assert [(r["preset"], r["precision"]) for r in result] == [("digits-dit", "fp32"), ("digits-dit", "bf16")]
     assert json.loads((tmp_path / "s.json").read_text())[1]["rows"][0]["variant"] == "eager"
+
+
+def test_bench_train_vae_rows_encode_pixels_with_a_real_size_sd_vae(tmp_path):
+    """--vae: each variant also runs on pixels encoded at every step by a random-weight SD-VAE of the real
+    architecture (sd-vae-ft-ema has 83,653,863 parameters)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train_vae", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tiny_model = [o for o in TINY if o.startswith("model.")]
+    result = bench.main(["--preset", "digits-dit", "--batch", "1", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                         "--vae", *tiny_model, "model.in_channels=4"])  # 8x8x4 latents <- 64x64x3 pixels
+    assert result["vae_params"] == 83_653_863
+    assert [r["variant"] for r in result["rows"]] == ["ditk", "ditk+vae"]
+    assert result["rows"][1]["params"] == result["rows"][0]["params"]
