@@ -26,6 +26,30 @@ import tempfile
 import threading
 from pathlib import Path
 
+# e^x for float (vectorisable polynomial) and double (the C library's), shared by the kernels' sources.
+EXP_SOURCE = r"""
+#include <cmath>
+#include <cstdint>
+
+namespace {
+// e^x, vectorisable: x = k ln2 + r, |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (error < 6e-9
+// relative), 2^k through the exponent bits. x is clamped to [-87, 88]: below, the true value (< 2e-38) is
+// returned as 1.6e-38; the kernels' exponents are <= 0 (decays, or
+// shifted by a running maximum), so the upper clamp never acts.
+inline float exp_f(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float k = std::floor(x * 1.44269504088896341f + 0.5f);
+    float r = x - k * 0.693145751953125f - k * 1.42860682030941723e-6f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720
+              + r * (1.0f / 5040)))))));
+    int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+    return p * __builtin_bit_cast(float, bits);
+}
+inline double exp_f(double x) { return std::exp(x); }
+
+}  // namespace
+"""
+
 FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-fPIC", "-shared"]
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}

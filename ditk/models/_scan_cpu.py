@@ -28,7 +28,7 @@ from . import _cpu_kernels
 NAME = "selective_scan"
 CHUNK = 64  # tokens between saved states (backward recomputes one chunk at a time)
 
-SOURCE = r"""
+SOURCE = _cpu_kernels.EXP_SOURCE + r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -38,20 +38,6 @@ SOURCE = r"""
 namespace {
 
 constexpr int64_t DB = 64;  // channels per block: the block's state and decays stay in L1
-
-// e^x, vectorisable: x = k ln2 + r, |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (error < 6e-9
-// relative), 2^k through the exponent bits. x is clamped to [-87, 88]: below, the true value (< 2e-38) is
-// returned as 1.6e-38; the scan's decays are <= 0, so the upper clamp never acts.
-inline float exp_f(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    float k = std::floor(x * 1.44269504088896341f + 0.5f);
-    float r = x - k * 0.693145751953125f - k * 1.42860682030941723e-6f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720
-              + r * (1.0f / 5040)))))));
-    int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-    return p * __builtin_bit_cast(float, bits);
-}
-inline double exp_f(double x) { return std::exp(x); }
 
 // softplus(x) as torch computes it (x above 20 passes through) and its derivative sigmoid(x), vectorisable:
 // log(1 + e) with e = e^-|x| in (0, 1] is 2 atanh(s), s = e / (2 + e) <= 1/3, by its series to s^15
