@@ -173,3 +173,15 @@ def test_without_a_compiler_auto_falls_back_and_compiled_says_why(monkeypatch, t
     monkeypatch.setenv("DITK_CPU_KERNELS", "0")  # switched off: the same fallback, no build attempted
     monkeypatch.setattr(_cpu_kernels, "_loaded", {})
     assert _scan_cpu.library() is None and _wkv_cpu.library() is None
+
+
+@needs_compiler
+def test_reversed_sequences_equal_the_flipped_scan():
+    """reverse_from: sequences from that index on are scanned from their end, in the compiled kernel (no
+    flipped copies) and in the PyTorch fallback (flip, scan, flip back); both equal scanning a flipped copy."""
+    dt, u, A, B, C, bias, D = scan_inputs(groups=3, length=21, d=6, seed=6)
+    flip = lambda x: torch.cat([x[:1], x[1:].flip(1)])  # noqa: E731
+    ref = flip(loop_scan(flip(dt), flip(u), A, flip(B), flip(C), bias, D))
+    for backend in ("compiled", "torch"):
+        out = scan(u, dt, A, B, C, D, bias, softplus=True, backend=backend, reverse_from=1)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=backend)

@@ -75,7 +75,7 @@ inline void token_delta(const T* __restrict dt, const T* __restrict bias, int so
 
 struct Args {  // one sequence's tensors, offset to the channel block; sizes shared by all
     int64_t L, d, n, K, w;
-    int softplus;
+    int softplus, reverse;  // reverse: scan from the last token to the first
     const void *dt, *bias, *u, *A, *B, *C, *D;
 };
 
@@ -86,9 +86,11 @@ void forward_block(const Args& a, T* __restrict y, T* __restrict states, T* __re
     const int64_t L = a.L, d = a.d, n = a.n, K = a.K, width = W > 0 ? W : a.w;
     const T *dt = (const T*)a.dt, *bias = (const T*)a.bias, *u = (const T*)a.u, *A = (const T*)a.A;
     const T *B = (const T*)a.B, *C = (const T*)a.C, *D = (const T*)a.D;
-    for (int64_t t = 0; t < L; ++t) {
-        if (states && t % K == 0)
-            for (int64_t i = 0; i < n; ++i) std::memcpy(states + (t / K) * n * d + i * d, h + i * DB, sizeof(T) * width);
+    for (int64_t step = 0; step < L; ++step) {
+        const int64_t t = a.reverse ? L - 1 - step : step;
+        if (states && step % K == 0)
+            for (int64_t i = 0; i < n; ++i)
+                std::memcpy(states + (step / K) * n * d + i * d, h + i * DB, sizeof(T) * width);
         T delta[DB], slope[DB], du[DB], acc[DB];
         const T* __restrict ut = u + t * d;
         token_delta<T>(dt + t * d, bias, a.softplus, width, delta, slope);
@@ -130,10 +132,10 @@ void backward_block(const Args& a, const T* __restrict states, const T* __restri
     T g_bias[DB] = {}, g_D[DB] = {};
     const int64_t chunks = (L + K - 1) / K;
     for (int64_t c = chunks - 1; c >= 0; --c) {
-        const int64_t t0 = c * K, t1 = std::min(t0 + K, L);
+        const int64_t t0 = c * K, t1 = std::min(t0 + K, L);  // steps (tokens, or reversed tokens)
         for (int64_t i = 0; i < n; ++i) std::memcpy(H + i * DB, states + (c * n + i) * d, sizeof(T) * w);
-        for (int64_t t = t0; t < t1; ++t) {  // H[s + 1] = state after token s = t - t0, Ad[s] = its decay
-            const int64_t s = t - t0;
+        for (int64_t step = t0; step < t1; ++step) {  // H[s + 1] = state after step s = step - t0, Ad[s] its decay
+            const int64_t s = step - t0, t = a.reverse ? L - 1 - step : step;
             T delta[DB], slope[DB], du[DB];
             const T* __restrict ut = u + t * d;
             token_delta<T>(dt + t * d, bias, a.softplus, w, delta, slope);
@@ -152,8 +154,8 @@ void backward_block(const Args& a, const T* __restrict states, const T* __restri
                 }
             }
         }
-        for (int64_t t = t1 - 1; t >= t0; --t) {
-            const int64_t s = t - t0;
+        for (int64_t step = t1 - 1; step >= t0; --step) {
+            const int64_t s = step - t0, t = a.reverse ? L - 1 - step : step;
             T delta[DB], slope[DB], du[DB], g_delta[DB] = {}, g_du[DB] = {};
             const T* __restrict ut = u + t * d;
             const T* __restrict gyt = gy + t * d;
@@ -211,6 +213,7 @@ Args at(const Args& base, int64_t q, int64_t d0) {
     a.C = (const T*)base.C + q * L * n;
     a.bias = base.bias ? (const T*)base.bias + q * d + d0 : nullptr;
     a.D = base.D ? (const T*)base.D + q * d + d0 : nullptr;
+    a.reverse = q >= base.reverse;  // base.reverse: the first sequence scanned in reverse
     return a;
 }
 
@@ -244,28 +247,114 @@ void backward_all(int64_t G, const Args& base, const T* states, const T* gy, con
         }
 }
 
+// The mixer's depthwise convolution (kernel k) + SiLU for every direction at once, token-major: direction 0
+// is causal (u_t from x_{t-k+1..t}), directions >= 1 anti-causal (x_{t..t+k-1}, weights mirrored): the
+// backward branch of a bidirectional mixer computed on the sequence as it is, instead of flipped.
+// x (N, L, d) with token stride ldx and sequence stride ldn; w (nd, k, d); bias (nd, d) or null;
+// u (nd, N, L, d).
+inline int64_t source(int64_t t, int64_t j, int64_t k, int64_t dir) {
+    return dir == 0 ? t - (k - 1) + j : t + (k - 1) - j;
+}
+
+template <typename T>
+void conv_silu_forward(int64_t nd, int64_t N, int64_t L, int64_t d, int64_t k, int64_t ldn, int64_t ldx, const T* x,
+                       const T* w, const T* bias, T* u) {
+    for (int64_t dir = 0; dir < nd; ++dir)
+        for (int64_t q = 0; q < N; ++q)
+            for (int64_t t = 0; t < L; ++t) {
+                T* __restrict ut = u + ((dir * N + q) * L + t) * d;
+                for (int64_t c = 0; c < d; ++c) ut[c] = bias ? bias[dir * d + c] : T(0);
+                for (int64_t j = 0; j < k; ++j) {
+                    const int64_t src = source(t, j, k, dir);
+                    if (src < 0 || src >= L) continue;
+                    const T* __restrict xs = x + q * ldn + src * ldx;
+                    const T* __restrict wj = w + (dir * k + j) * d;
+#pragma omp simd
+                    for (int64_t c = 0; c < d; ++c) ut[c] += wj[c] * xs[c];
+                }
+#pragma omp simd
+                for (int64_t c = 0; c < d; ++c) ut[c] = ut[c] / (T(1) + exp_f(-ut[c]));
+            }
+}
+
+// Gradients: g_x (N, L, d) contiguous, zeroed by the caller (both directions add to it); g_w (nd, k, d) and
+// g_bias (nd, d) zeroed by the caller. The pre-activation is recomputed; silu'(a) = s (1 + a (1 - s)).
+template <typename T>
+void conv_silu_backward(int64_t nd, int64_t N, int64_t L, int64_t d, int64_t k, int64_t ldn, int64_t ldx,
+                        const T* x, const T* w, const T* bias, const T* gu, T* g_x, T* g_w, T* g_bias) {
+    std::vector<T> pre(d);
+    T* __restrict a = pre.data();
+    for (int64_t dir = 0; dir < nd; ++dir)
+        for (int64_t q = 0; q < N; ++q)
+            for (int64_t t = 0; t < L; ++t) {
+                const T* __restrict gut = gu + ((dir * N + q) * L + t) * d;
+                for (int64_t c = 0; c < d; ++c) a[c] = bias ? bias[dir * d + c] : T(0);
+                for (int64_t j = 0; j < k; ++j) {
+                    const int64_t src = source(t, j, k, dir);
+                    if (src < 0 || src >= L) continue;
+                    const T* __restrict xs = x + q * ldn + src * ldx;
+                    const T* __restrict wj = w + (dir * k + j) * d;
+#pragma omp simd
+                    for (int64_t c = 0; c < d; ++c) a[c] += wj[c] * xs[c];
+                }
+                T* __restrict gb = g_bias + dir * d;
+#pragma omp simd
+                for (int64_t c = 0; c < d; ++c) {
+                    T sig = T(1) / (T(1) + exp_f(-a[c]));
+                    a[c] = gut[c] * sig * (T(1) + a[c] * (T(1) - sig));  // now dL/d(pre-activation)
+                    gb[c] += a[c];
+                }
+                for (int64_t j = 0; j < k; ++j) {
+                    const int64_t src = source(t, j, k, dir);
+                    if (src < 0 || src >= L) continue;
+                    const T* __restrict xs = x + q * ldn + src * ldx;
+                    const T* __restrict wj = w + (dir * k + j) * d;
+                    T* __restrict gx = g_x + (q * L + src) * d;
+                    T* __restrict gw = g_w + (dir * k + j) * d;
+#pragma omp simd
+                    for (int64_t c = 0; c < d; ++c) {
+                        gx[c] += wj[c] * a[c];
+                        gw[c] += a[c] * xs[c];
+                    }
+                }
+            }
+}
+
 }  // namespace
 
 // G sequences: dt, u (G, L, d); A (G, n, d); B, C (G, L, n); bias, D (G, d) or null; y (G, L, d);
-// states (G, ceil(L/K), n, d) or null. Backward: gradients of the same shapes (g_B, g_C zeroed by the caller;
+// states (G, ceil(L/K), n, d) or null; sequences q >= reverse are scanned from their last token to the first.
+// Backward: gradients of the same shapes (g_B, g_C zeroed by the caller;
 // g_bias, g_D always written).
 extern "C" {
 #define DITK_SCAN_API(T, SUF)                                                                                  \
-    void scan_forward_##SUF(int64_t G, int64_t L, int64_t d, int64_t n, int64_t K, int softplus, const T* dt,   \
-                            const T* bias, const T* u, const T* A, const T* B, const T* C, const T* D, T* y,    \
-                            T* states) {                                                                       \
-        Args a{L, d, n, K, 0, softplus, dt, bias, u, A, B, C, D};                                              \
+    void scan_forward_##SUF(int64_t G, int64_t L, int64_t d, int64_t n, int64_t K, int softplus, int reverse,   \
+                            const T* dt, const T* bias, const T* u, const T* A, const T* B, const T* C,         \
+                            const T* D, T* y, T* states) {                                                     \
+        Args a{L, d, n, K, 0, softplus, reverse, dt, bias, u, A, B, C, D};                                     \
         forward_all<T>(G, a, y, states);                                                                       \
     }                                                                                                          \
-    void scan_backward_##SUF(int64_t G, int64_t L, int64_t d, int64_t n, int64_t K, int softplus, const T* dt,  \
-                             const T* bias, const T* u, const T* A, const T* B, const T* C, const T* D,         \
-                             const T* states, const T* gy, T* g_dt, T* g_u, T* g_A, T* g_B, T* g_C,             \
-                             T* g_bias, T* g_D) {                                                              \
-        Args a{L, d, n, K, 0, softplus, dt, bias, u, A, B, C, D};                                              \
+    void scan_backward_##SUF(int64_t G, int64_t L, int64_t d, int64_t n, int64_t K, int softplus, int reverse,  \
+                             const T* dt, const T* bias, const T* u, const T* A, const T* B, const T* C,        \
+                             const T* D, const T* states, const T* gy, T* g_dt, T* g_u, T* g_A, T* g_B,         \
+                             T* g_C, T* g_bias, T* g_D) {                                                      \
+        Args a{L, d, n, K, 0, softplus, reverse, dt, bias, u, A, B, C, D};                                     \
         backward_all<T>(G, a, states, gy, Grads<T>{g_dt, g_u, g_A, g_B, g_C, g_bias, g_D});                    \
     }
 DITK_SCAN_API(float, f32)
 DITK_SCAN_API(double, f64)
+#define DITK_CONV_API(T, SUF)                                                                                  \
+    void conv_silu_forward_##SUF(int64_t nd, int64_t N, int64_t L, int64_t d, int64_t k, int64_t ldn,          \
+                                 int64_t ldx, const T* x, const T* w, const T* bias, T* u) {                   \
+        conv_silu_forward<T>(nd, N, L, d, k, ldn, ldx, x, w, bias, u);                                         \
+    }                                                                                                          \
+    void conv_silu_backward_##SUF(int64_t nd, int64_t N, int64_t L, int64_t d, int64_t k, int64_t ldn,         \
+                                  int64_t ldx, const T* x, const T* w, const T* bias, const T* gu, T* g_x,     \
+                                  T* g_w, T* g_bias) {                                                         \
+        conv_silu_backward<T>(nd, N, L, d, k, ldn, ldx, x, w, bias, gu, g_x, g_w, g_bias);                     \
+    }
+DITK_CONV_API(float, f32)
+DITK_CONV_API(double, f64)
 }
 """
 
@@ -286,10 +375,11 @@ def supports(*tensors: torch.Tensor) -> bool:
 
 class CompiledScan(torch.autograd.Function):
     """y = scan + D u, token-major: dt, u (G, L, d); A (G, n, d); B, C (G, L, n); bias, D (G, d) or None;
-    delta = softplus(dt + bias) if `softplus` else dt + bias. Returns y (G, L, d)."""
+    delta = softplus(dt + bias) if `softplus` else dt + bias; sequences g >= reverse_from scanned from the end.
+    Returns y (G, L, d)."""
 
     @staticmethod
-    def forward(ctx, dt, u, A, B, C, bias, D, softplus):
+    def forward(ctx, dt, u, A, B, C, bias, D, softplus, reverse_from):
         dt, u, A, B, C = (x.contiguous() for x in (dt, u, A, B, C))
         bias, D = (None if x is None else x.contiguous() for x in (bias, D))
         groups, length, d = dt.shape
@@ -298,9 +388,9 @@ class CompiledScan(torch.autograd.Function):
         states = dt.new_empty(groups, -(-length // CHUNK), n, d) if any(ctx.needs_input_grad) else None
         p = _cpu_kernels.ptr
         getattr(library(), "scan_forward_" + _SUFFIX[dt.dtype])(
-            _I64(groups), _I64(length), _I64(d), _I64(n), _I64(CHUNK), ctypes.c_int(int(softplus)), p(dt), p(bias),
-            p(u), p(A), p(B), p(C), p(D), p(y), p(states))
-        ctx.softplus = softplus
+            _I64(groups), _I64(length), _I64(d), _I64(n), _I64(CHUNK), ctypes.c_int(int(softplus)),
+            ctypes.c_int(reverse_from), p(dt), p(bias), p(u), p(A), p(B), p(C), p(D), p(y), p(states))
+        ctx.softplus, ctx.reverse_from = softplus, reverse_from
         ctx.has = (bias is not None, D is not None)
         ctx.save_for_backward(dt, u, A, B, C, bias, D, states)
         return y
@@ -317,14 +407,54 @@ class CompiledScan(torch.autograd.Function):
         g_bias, g_D = dt.new_empty(groups, d), dt.new_empty(groups, d)
         p = _cpu_kernels.ptr
         getattr(library(), "scan_backward_" + _SUFFIX[dt.dtype])(
-            _I64(groups), _I64(length), _I64(d), _I64(n), _I64(CHUNK), ctypes.c_int(int(ctx.softplus)), p(dt),
-            p(bias), p(u), p(A), p(B), p(C), p(D), p(states), p(gy), p(g_dt), p(g_u), p(g_A), p(g_B), p(g_C),
+            _I64(groups), _I64(length), _I64(d), _I64(n), _I64(CHUNK), ctypes.c_int(int(ctx.softplus)),
+            ctypes.c_int(ctx.reverse_from), p(dt), p(bias), p(u), p(A), p(B), p(C), p(D), p(states), p(gy), p(g_dt),
+            p(g_u), p(g_A), p(g_B), p(g_C),
             p(g_bias), p(g_D))
-        return (g_dt, g_u, g_A, g_B, g_C, g_bias if ctx.has[0] else None, g_D if ctx.has[1] else None, None)
+        return (g_dt, g_u, g_A, g_B, g_C, g_bias if ctx.has[0] else None, g_D if ctx.has[1] else None, None, None)
 
 
-def compiled_scan(dt, u, A, B, C, bias=None, D=None, softplus=False):
-    """See `CompiledScan`; bias and D may be (d,) (shared) or (G, d)."""
+def compiled_scan(dt, u, A, B, C, bias=None, D=None, softplus=False, reverse_from=None):
+    """See `CompiledScan`; bias and D may be (d,) (shared) or (G, d). Sequences g >= reverse_from (none by
+    default) are scanned from their last token to the first (the backward branch of a bidirectional mixer,
+    without flipping any tensor)."""
     groups, _, d = dt.shape
     bias, D = (None if x is None else x.to(dt.dtype).expand(groups, d) for x in (bias, D))
-    return CompiledScan.apply(dt, u, A, B, C, bias, D, bool(softplus))
+    reverse_from = groups if reverse_from is None else int(reverse_from)
+    return CompiledScan.apply(dt, u, A, B, C, bias, D, bool(softplus), reverse_from)
+
+
+class ConvSilu(torch.autograd.Function):
+    """u (nd, N, L, d) = silu(depthwise conv of x (N, L, d) with weight (nd, k, d) + bias (nd, d)); direction 0
+    causal, directions >= 1 anti-causal (the reversed branch, on the unflipped sequence). x may be a view
+    with unit channel stride (e.g. half of in_proj's output)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        nd, k, d = weight.shape
+        n_seq, length = x.shape[:2]
+        weight = weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        u = x.new_empty(nd, n_seq, length, d)
+        p = _cpu_kernels.ptr
+        getattr(library(), "conv_silu_forward_" + _SUFFIX[x.dtype])(
+            _I64(nd), _I64(n_seq), _I64(length), _I64(d), _I64(k), _I64(x.stride(0)), _I64(x.stride(1)), p(x),
+            p(weight), p(bias), p(u))
+        ctx.save_for_backward(x, weight, bias)
+        return u
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_u):
+        x, weight, bias = ctx.saved_tensors
+        nd, k, d = weight.shape
+        n_seq, length = x.shape[:2]
+        gu = grad_u.contiguous().to(x.dtype)
+        g_x, g_w, g_b = x.new_zeros(n_seq, length, d), torch.zeros_like(weight), x.new_zeros(nd, d)
+        p = _cpu_kernels.ptr
+        getattr(library(), "conv_silu_backward_" + _SUFFIX[x.dtype])(
+            _I64(nd), _I64(n_seq), _I64(length), _I64(d), _I64(k), _I64(x.stride(0)), _I64(x.stride(1)), p(x),
+            p(weight), p(bias), p(gu), p(g_x), p(g_w), p(g_b))
+        return g_x, g_w, (g_b if bias is not None else None)

@@ -240,24 +240,29 @@ def chunked_scan(delta, du, A, B, C, chunk: int | None = None) -> torch.Tensor:
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def scan(u, dt, A, B, C, D=None, dt_bias=None, softplus=False, backend: str = "auto") -> torch.Tensor:
+def scan(u, dt, A, B, C, D=None, dt_bias=None, softplus=False, backend: str = "auto",
+         reverse_from: int | None = None) -> torch.Tensor:
     """The selective scan token-major, with the work per token and channel around it:
 
         delta = softplus(dt + dt_bias) (or dt + dt_bias),  y_t = C_t . h_t + D u_t,
         h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t,
 
     u, dt (G, L, d); A (G, n, d); B, C (G, L, n); D, dt_bias (d,) or (G, d) or None -> y (G, L, d).
+    Sequences g >= reverse_from (None: none) are scanned from their last token to the first.
     Runs the compiled CPU loop (`ditk.models._scan_cpu`, everything above in one pass) where it applies:
     backend "auto" or "compiled", CPU tensors of one float dtype, and a C++ compiler to build it with (else
     "auto" falls back to PyTorch; "compiled" raises). "torch" (and "mamba_ssm", which is dispatched before
     this point) uses PyTorch: these elementwise steps and `chunked_scan`."""
     if backend in ("auto", "compiled") and _scan_cpu.supports(u, dt, A, B, C):
         if _scan_cpu.library() is not None:
-            return _scan_cpu.compiled_scan(dt, u, A, B, C, dt_bias, D, softplus)
+            return _scan_cpu.compiled_scan(dt, u, A, B, C, dt_bias, D, softplus, reverse_from)
         if backend == "compiled":
             raise ConfigError("scan backend 'compiled' could not build its CPU kernel "
                               f"({_cpu_kernels.error(_scan_cpu.NAME) or 'DITK_CPU_KERNELS=0'}): install a C++ "
                               "compiler (g++) or use scan_backend=auto or torch")
+    if reverse_from is not None and reverse_from < u.shape[0]:  # flip those sequences in time, scan, flip back
+        flip = lambda x: torch.cat([x[:reverse_from], x[reverse_from:].flip(1)])  # noqa: E731
+        return flip(scan(flip(u), flip(dt), A, flip(B), flip(C), D, dt_bias, softplus, backend))
     delta = dt if dt_bias is None else dt + dt_bias.unsqueeze(-2)
     if softplus:
         delta = F.softplus(delta)
@@ -273,8 +278,12 @@ class SelectiveScan(nn.Module):
         super().__init__()
         self.backend = backend
 
-    def forward(self, u, dt, A, B, C, D=None, dt_bias=None, softplus=False):
-        return scan(u, dt, A, B, C, D, dt_bias, softplus, self.backend)
+    def compiled(self, x: torch.Tensor) -> bool:
+        """Whether `scan` will run the compiled CPU kernel for tensors like x (see `scan`)."""
+        return self.backend in ("auto", "compiled") and _scan_cpu.supports(x) and _scan_cpu.library() is not None
+
+    def forward(self, u, dt, A, B, C, D=None, dt_bias=None, softplus=False, reverse_from=None):
+        return scan(u, dt, A, B, C, D, dt_bias, softplus, self.backend, reverse_from)
 
 
 #################################################################################
@@ -430,10 +439,16 @@ class Mamba(nn.Module):
         dirs = self._directions()
         nd = len(dirs)
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (N, L, d_inner) each
-        xs = x.unsqueeze(0) if nd == 1 else torch.stack([x, x.flip(1)])  # (nd, N, L, d)
         conv_w = torch.stack([c.weight[:, 0] for c, *_ in dirs])  # (nd, d, k)
         conv_b = torch.stack([c.bias for c, *_ in dirs]) if dirs[0][0].bias is not None else None
-        u = F.silu(causal_conv_tokens(xs, conv_w, conv_b))  # (nd, N, L, d)
+        # Compiled CPU kernels: the reversed direction is computed on the unflipped sequence (anti-causal conv,
+        # scan from the end), so nothing is flipped. Otherwise the reversed sequence is a flipped copy.
+        compiled = self.scan.compiled(x)
+        if compiled:
+            u = _scan_cpu.ConvSilu.apply(x, conv_w.transpose(1, 2), conv_b)  # (nd, N, L, d)
+        else:
+            xs = x.unsqueeze(0) if nd == 1 else torch.stack([x, x.flip(1)])  # (nd, N, L, d)
+            u = F.silu(causal_conv_tokens(xs, conv_w, conv_b))  # (nd, N, L, d)
         proj = torch.matmul(u.view(nd, -1, d), torch.stack([p.weight for _, p, *_ in dirs]).transpose(1, 2))
         dt, B, C = torch.split(proj, [r, n, n], dim=-1)  # (nd, N L, .)
         dt_w = torch.stack([p.weight for _, _, p, *_ in dirs]).transpose(1, 2)  # (nd, r, d)
@@ -446,9 +461,9 @@ class Mamba(nn.Module):
         uf = u.to(f).view(nd * n_seq, length, d)
         # y = scan + D u, delta = softplus(dt + dt_bias): one call (one compiled pass on CPU)
         y = self.scan(uf, dt, A, B.to(f).reshape(nd * n_seq, length, n), C.to(f).reshape(nd * n_seq, length, n),
-                      D, dt_b, True).view(nd, n_seq, length, d)
+                      D, dt_b, True, reverse_from=n_seq if compiled else None).view(nd, n_seq, length, d)
         if nd == 2:
-            y = y[0] + y[1].flip(1)
+            y = y[0] + (y[1] if compiled else y[1].flip(1))
             if self.divide_out:
                 y = y / 2
         else:
