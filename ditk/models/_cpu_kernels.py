@@ -34,8 +34,8 @@ EXP_SOURCE = r"""
 namespace {
 // e^x, vectorisable: x = k ln2 + r, |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (error < 6e-9
 // relative), 2^k through the exponent bits. x is clamped to [-87, 88]: below, the true value (< 2e-38) is
-// returned as 1.6e-38; the kernels' exponents are <= 0 (decays, or
-// shifted by a running maximum), so the upper clamp never acts.
+// returned as 1.6e-38. Above 88 it acts only in SiLU's e^-a for a < -88, where a / (1 + e^88) is within
+// 1e-36 of the true value; the other exponents are <= 0 (decays, or shifted by a running maximum).
 inline float exp_f(float x) {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     float k = std::floor(x * 1.44269504088896341f + 0.5f);
@@ -86,7 +86,8 @@ def cache_dir() -> Path:
 
 def _build(name: str, source: str, cxx: str) -> Path:
     """Compile `source` into the cache (once) and return the library's path; raises on failure."""
-    for arch in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):  # some compilers (or CPUs they do not know) reject -march=native
+    # 512-bit vectors where the CPU has them; some compilers (or CPUs they do not know) reject these flags
+    for arch in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):
         flags = FLAGS + arch
         key = hashlib.sha256("\0".join([source, cxx, *flags, _cpu_signature()]).encode()).hexdigest()[:20]
         path = cache_dir() / f"{name}-{key}.so"

@@ -1,18 +1,23 @@
-"""The selective scan as one compiled CPU loop (forward and backward), used by `ditk.models.mamba.chunked_scan`.
+"""The selective scan as one compiled CPU loop (forward and backward), used by `ditk.models.mamba.scan`.
 
-    h_t = exp(dt_t A) h_{t-1} + du_t B_t,        y_t = C_t . h_t          (per channel d, state n)
+    delta_t = softplus(dt_t + bias),  h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t,  y_t = C_t . h_t + D u_t
+                                                                               (per channel d, state n)
 
 The PyTorch chunked form needs ~7 full passes over the (T, d_state, d_inner) elements (decay exponent, exp,
 du*B, divide, prefix sum, multiply, contraction). Here the recurrence runs token by token as Algorithm 2 of
 the Mamba paper writes it, for a block of 64 channels at a time: the block's state (d_state x 64 values) and
 decays stay in L1, and per element there is one exp and three multiply-adds, vectorised over the channels.
-Being the plain recurrence, it is exact for any decay (no factorised form that could overflow).
+Being the plain recurrence, it is exact for any decay (no factorised form that could overflow). The work per
+token and channel (softplus, delta*u, D*u) is done in the same pass; sequences can be scanned from their
+end (the reversed branch of a bidirectional mixer, without flipped copies); `ConvSilu` is the mixer's
+depthwise conv + SiLU for both directions (causal and anti-causal), with its backward.
 
-Backward: the forward keeps the state entering every chunk of K tokens (T/K states). For each chunk, from
+Backward: the forward keeps the state entering every chunk of CHUNK tokens (T/CHUNK states). For each chunk, from
 the last, the backward recomputes the chunk's states and decays into a small buffer and runs the adjoint
 recurrence g_t = C_t grad_y_t + a_{t+1} g_{t+1} back through it, accumulating
     dL/ddu_t = sum_n g_t B_t,   dL/dB_t = sum_d g_t du_t,   dL/dC_t = sum_d grad_y_t h_t,
-    dL/d(dt_t A) = g_t a_t h_{t-1}  ->  dL/ddt_t = sum_n (.) A,   dL/dA = sum_t (.) dt_t.
+    dL/d(delta_t A) = g_t a_t h_{t-1}  ->  dL/ddelta_t = sum_n (.) A + dL/ddu_t u_t,   dL/dA = sum_t (.) delta_t,
+and through the softplus (dL/ddt = dL/ddelta sigmoid(dt + bias)), D and bias.
 float32 uses a vectorisable exp (Cody-Waite reduction, degree-7 Taylor: ~1e-7 relative); float64 the C
 library's exp (tests compare it with a float64 loop to 1e-10).
 """

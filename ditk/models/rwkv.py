@@ -80,7 +80,8 @@ class DiffusionRWKVConfig:
     init_mode: str = "fancy"  # RWKV init of decay/first/mix: fancy | local | global
     skip: bool = True  # U-ViT long skips into the out blocks (the paper's layout)
     drop_path_rate: float = 0.0  # stochastic depth, linear 0 -> rate over blocks (official default 0.1)
-    wkv_impl: str = "auto"  # auto: a fused kernel for inference (Triton on CUDA, compiled C++ on CPU) when available, else torch | torch | compiled | triton
+    # auto: a fused inference kernel (Triton on CUDA, compiled C++ on CPU) when available, else torch
+    wkv_impl: str = "auto"  # auto | torch | compiled | triton
 
 
 def drwkv_size_config(size: str, patch_size: int = 2, **overrides) -> DiffusionRWKVConfig:
