@@ -185,3 +185,16 @@ def test_reversed_sequences_equal_the_flipped_scan():
     for backend in ("compiled", "torch"):
         out = scan(u, dt, A, B, C, D, bias, softplus=True, backend=backend, reverse_from=1)
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=backend)
+
+
+def test_no_compiler_on_path_is_reported_not_raised(monkeypatch):
+    monkeypatch.setattr(_cpu_kernels, "compiler", lambda: None)
+    monkeypatch.setattr(_cpu_kernels, "_loaded", {})
+    monkeypatch.setattr(_cpu_kernels, "_errors", {})
+    assert _scan_cpu.library() is None
+    assert "no C++ compiler" in _cpu_kernels.error(_scan_cpu.NAME)
+    m = Mamba(8, d_state=2, bidirectional=True)  # auto: the PyTorch path, same result as scan_backend=torch
+    ref = Mamba(8, d_state=2, bidirectional=True, scan_backend="torch")
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(1, 9, 8)
+    torch.testing.assert_close(m(x), ref(x))
