@@ -198,3 +198,32 @@ def test_no_compiler_on_path_is_reported_not_raised(monkeypatch):
     ref.load_state_dict(m.state_dict())
     x = torch.randn(1, 9, 8)
     torch.testing.assert_close(m(x), ref(x))
+
+
+@needs_compiler
+@pytest.mark.parametrize("bidirectional,conv_bias,d_conv,length,batch", [
+    (False, True, 4, 13, 2),  # one direction (a plain Mamba mixer)
+    (True, False, 3, 2, 3),  # no conv bias, another kernel width, fewer tokens than the kernel
+    (True, True, 4, 1, 1),  # a single token
+])
+def test_compiled_mixer_variants_equal_the_pytorch_mixer(bidirectional, conv_bias, d_conv, length, batch):
+    torch.manual_seed(1)
+    kw = dict(d_state=3, d_conv=d_conv, bidirectional=bidirectional, conv_bias=conv_bias)
+    ref = Mamba(8, scan_backend="torch", **kw).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    ours = Mamba(8, scan_backend="compiled", **kw).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(batch, length, 8, dtype=torch.float64)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    out_ref, out = ref(xs[0]), ours(xs[1])
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+    out_ref.sum().backward()
+    out.sum().backward()
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-9, atol=1e-10)
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10, msg=name)
+    with torch.no_grad():  # bfloat16 models keep working (the kernels take float32/64: the PyTorch conv path)
+        half = ours.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half.float()).all()
