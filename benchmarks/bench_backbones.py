@@ -9,7 +9,8 @@ preset (`*-s-2*`; the table FAMILY_PRESETS below pins the known ones) and measur
 lengths (the preset's resolution and larger ones: tiny 8 -> 32 px, i.e. 16 -> 256 tokens; S 32 -> 64 -> 128
 latent px, i.e. 256 -> 1024 -> 4096 tokens), next to a DiT with the same width, depth (number of blocks) and
 patch size. The model and its DiT twin are measured alternately, each in a fresh process, --rounds times
-(the medians are reported), so that a change of load on a shared machine hits both sides alike.
+(times and memory: medians over the rounds; "fwd / DiT" and "train / DiT": the median of the per-round
+ratios), so that a change of load on a shared machine hits both sides alike.
 Families missing from the registry, or without such presets, are skipped with a note. Inputs: random
 latents, t = 500, class 0, or (caption models such as Dimba) random features for conditioner.max_length
 caption tokens.
@@ -263,7 +264,14 @@ def _median_row(runs: list[dict]) -> dict:
     return {k: (statistics.median(r[k] for r in runs) if isinstance(v, float) else v) for k, v in runs[0].items()}
 
 
-def _table_row(family: str, preset: str, input_size: int, ours: dict, twin: dict | None) -> str:
+def _ratio(ours_runs: list[dict], twin_runs: list[dict], key: str) -> float | None:
+    """Median over the rounds of ours / twin for `key`, each ratio from one round's back-to-back pair."""
+    pairs = [(o[key], t[key]) for o, t in zip(ours_runs, twin_runs) if key in o and key in t]
+    return statistics.median(a / b for a, b in pairs) if pairs else None
+
+
+def _table_row(family: str, preset: str, input_size: int, ours: dict, twin: dict | None,
+               ratios: tuple = (None, None)) -> str:
     dash = "—"
     gf = ours["gflops_counted"] + ours["gflops_scan"]
 
@@ -278,8 +286,8 @@ def _table_row(family: str, preset: str, input_size: int, ours: dict, twin: dict
         cols += [dash] * 8
     else:
         cols += [f"{twin['params'] / 1e6:.1f}", f"{twin['gflops_counted']:.3g}", f"{twin['fwd_ms']:.1f}",
-                 f"{twin['peak_mb']:.0f}", *train_cols(twin), f"{ours['fwd_ms'] / twin['fwd_ms']:.2f}x",
-                 f"{ours['train_ms'] / twin['train_ms']:.2f}x" if "train_ms" in ours else dash]
+                 f"{twin['peak_mb']:.0f}", *train_cols(twin), f"{ratios[0]:.2f}x",
+                 f"{ratios[1]:.2f}x" if ratios[1] is not None else dash]
     return "| " + " | ".join(cols) + " |"
 
 
@@ -343,10 +351,12 @@ def main():
                     print(f"note: {family} {preset} at {input_size}px: {err}: skipped", file=sys.stderr)
                     continue
                 ours, twin = _median_row(ours_runs), _median_row(twin_runs) if twin_runs else None
+                ratios = (_ratio(ours_runs, twin_runs, "fwd_ms"), _ratio(ours_runs, twin_runs, "train_ms"))
                 row = {"family": family, "preset": preset, "input_size": input_size, **ours,
-                       "dit": twin, "batch": args.batch, "threads": args.threads, "rounds": args.rounds}
+                       "dit": twin, "batch": args.batch, "threads": args.threads, "rounds": args.rounds,
+                       "fwd_ratio": ratios[0], "train_ratio": ratios[1]}
                 rows.append(row)
-                print(_table_row(family, preset, input_size, ours, twin), flush=True)
+                print(_table_row(family, preset, input_size, ours, twin, ratios), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             for row in rows:

@@ -1,14 +1,18 @@
-"""The linear-time scans alone: CPU time and analytic GFLOP/s of the Mamba selective scan and the Bi-WKV at
-the S sizes, next to a matmul of the same width; and where digits-dimba's time goes next to its DiT twin.
+"""The linear-time scans alone, PyTorch form next to the compiled CPU kernel: CPU time and analytic GFLOP/s
+of the Mamba selective scan and the Bi-WKV at the S sizes, next to a matmul of the same width; and where
+digits-dimba's time goes next to its DiT twin.
 
-    python benchmarks/bench_scans.py [--threads 1]
+    python benchmarks/bench_scans.py [--threads 1] [--rounds 5]
 
-Selective scan: one DiS-S/2 mixer's scan (both directions batched, d_inner 736, d_state 16, S4D-real A,
-dt = softplus(N(-3, 1))) at 1,026 and 4,098 tokens, counted as 7 T d_inner d_state FLOPs per direction (as
-`bench_backbones.py` counts it). Bi-WKV: DRWKV-S/2's (C = 384) at 1,024 and 4,096 tokens, 13 T C FLOPs
-(the paper's count). Times: median process CPU time of 3 calls after a warm-up, no autograd. Dimba: the
-tiny preset at 32 px (256 tokens) with its Mamba blocks, with them replaced by the identity, and its DiT
-twin (medians of 3 x 30 forwards). Not part of the test suite.
+Selective scan: one DiS-S/2 mixer's scan (both directions, d_inner 736, d_state 16, S4D-real A,
+dt = softplus(N(-3, 1)), with the softplus and the D skip that the compiled kernel fuses) at 1,026 and 4,098
+tokens, counted as 7 T d_inner d_state FLOPs per direction (as `bench_backbones.py` counts it; 3x that for
+forward + backward). Bi-WKV: DRWKV-S/2's (C = 384) at 1,024 and 4,096 tokens, 13 T C FLOPs (the paper's
+count), forward only (the compiled kernel is an inference kernel). The two forms are timed alternately,
+--rounds times (half as many for forward + backward), after a warm-up each; printed: median process CPU
+times and the median of the per-round ratios. Dimba: the tiny preset at 32 px (256 tokens) with its Mamba
+blocks, with them replaced by the identity, and its DiT twin (medians of 3 x 30 forwards). Not part of the
+test suite.
 """
 
 from __future__ import annotations
@@ -35,30 +39,80 @@ def cpu_ms(fn, repeats: int = 3) -> float:
     return 1e3 * statistics.median(times)
 
 
-def scans() -> None:
+def side_by_side(fns: dict, rounds: int) -> dict:
+    """{name: [ms per round]}: each round times every fn once (CPU time, after one warm-up each), alternating."""
+    for fn in fns.values():
+        fn()
+    out = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.process_time()
+            fn()
+            out[name].append(1e3 * (time.process_time() - start))
+    return out
+
+
+def report(label: str, flops: float, times: dict) -> None:
+    """Median time and analytic GFLOP/s of each implementation, and the median of the per-round ratios."""
+    (a, ta), (b, tb) = times.items()
+    ratio = statistics.median(x / y for x, y in zip(ta, tb))
+    parts = [f"{name} {statistics.median(t):.1f} ms ({flops / statistics.median(t) / 1e6:.2f} GFLOP/s)"
+             for name, t in times.items()]
+    print(f"{label}: {'; '.join(parts)}; {a} / {b} = {ratio:.2f}x", flush=True)
+
+
+def scans(rounds: int) -> None:
+    from ditk.models import _scan_cpu, _wkv_cpu
     from ditk.models.mamba import chunked_scan
     from ditk.models.rwkv import bi_wkv, bi_wkv_flops
 
+    if _scan_cpu.library() is None or _wkv_cpu.library() is None:
+        print("note: no C++ compiler: only the PyTorch forms are timed", file=sys.stderr)
     torch.manual_seed(0)
     groups, d, n = 2, 736, 16
     for tokens in (1026, 4098):
-        delta = F.softplus(torch.randn(groups, tokens, d) - 3)
-        du = delta * torch.randn(groups, tokens, d)
+        dt = torch.randn(groups, tokens, d) - 3
+        u = torch.randn(groups, tokens, d)
         A = -torch.arange(1, n + 1.0)[:, None].expand(groups, n, d).contiguous()
         B, C = torch.randn(groups, tokens, n), torch.randn(groups, tokens, n)
+        D, bias = torch.ones(groups, d), torch.zeros(groups, d)
+
+        def torch_form():  # what the mixer's PyTorch path runs: softplus, the chunked scan, the D skip
+            delta = F.softplus(dt + bias[:, None])
+            return torch.addcmul(chunked_scan(delta, delta * u, A, B, C), u, D[:, None])
+
+        def compiled():  # the same in the compiled loop (second direction scanned from the end, as in the mixer)
+            return _scan_cpu.compiled_scan(dt, u, A, B, C, bias, D, softplus=True, reverse_from=1)
+
+        fns = {"pytorch": torch_form}
+        if _scan_cpu.library() is not None:
+            fns["compiled"] = compiled
+        flops = 7 * groups * tokens * d * n
         with torch.no_grad():
-            ms = cpu_ms(lambda: chunked_scan(delta, du, A, B, C))
-        print(f"selective scan, DiS-S/2 mixer (2 directions), {tokens} tokens: {ms:.1f} ms, "
-              f"{7 * groups * tokens * d * n / ms / 1e6:.2f} GFLOP/s")
+            times = side_by_side(fns, rounds)
+        if len(times) == 2:
+            report(f"selective scan, DiS-S/2 mixer (2 directions), {tokens} tokens, forward", flops, times)
+        grads = [x.requires_grad_() for x in (dt, u, A, B, C, D, bias)]
+        gy = torch.randn(groups, tokens, d)
+        train = {name: (lambda fn=fn: fn().backward(gy)) for name, fn in fns.items()}
+        times = side_by_side(train, max(1, rounds // 2))
+        for x in grads:
+            x.requires_grad_(False)
+        if len(times) == 2:
+            report(f"selective scan, {tokens} tokens, forward + backward", 3 * flops, times)
     for tokens in (1024, 4096):
         k, v = torch.randn(1, tokens, 384), torch.randn(1, tokens, 384)
         w, u = torch.rand(384) / tokens, torch.rand(384) / tokens
+        fns = {"pytorch": lambda: bi_wkv(w, u, k, v)}
+        if _wkv_cpu.library() is not None:
+            fns["compiled"] = lambda: _wkv_cpu.bi_wkv_cpu(w, u, k, v)
         with torch.no_grad():
-            ms = cpu_ms(lambda: bi_wkv(w, u, k, v))
+            times = side_by_side(fns, rounds)
+        if len(times) == 2:
+            report(f"Bi-WKV, DRWKV-S/2 (C 384), {tokens} tokens, forward", bi_wkv_flops(1, tokens, 384), times)
         x, W = torch.randn(tokens, 384), torch.randn(384, 1536)
         mm = cpu_ms(lambda: x @ W)
-        print(f"Bi-WKV, DRWKV-S/2 (C 384), {tokens} tokens: {ms:.1f} ms, {bi_wkv_flops(1, tokens, 384) / ms / 1e6:.3f} "
-              f"GFLOP/s; a ({tokens} x 384) @ (384 x 1536) matmul: {2 * tokens * 384 * 1536 / mm / 1e6:.0f} GFLOP/s")
+        print(f"  a ({tokens} x 384) @ (384 x 1536) matmul: {2 * tokens * 384 * 1536 / mm / 1e6:.0f} GFLOP/s")
 
 
 def dimba_floor() -> None:
@@ -94,9 +148,10 @@ def dimba_floor() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per comparison")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    scans()
+    scans(args.rounds)
     dimba_floor()
     print(f"{args.threads} CPU thread(s), torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}",
           file=sys.stderr)

@@ -13,8 +13,11 @@ result is exact for any input. Its backward is written out: forward keeps only t
 backward recomputes each chunk and runs the adjoint recurrence the same way from the end. Both directions of
 the bidirectional mixer, and all samples, are scanned as one batch.
 
-On CUDA, when the optional `mamba_ssm` package is installed, `selective_scan` calls its fused kernel
-instead (`scan_backend="auto"`); it is never required. `Mamba` is the mixer layer: its parameter names and
+On a CPU with a C++ compiler, `scan` (and the mixer) run the compiled loop of `ditk.models._scan_cpu` instead
+(`scan_backend="auto"` or "compiled"): the recurrence token by token with the softplus, Δ·u and D·u fused, ~4x
+faster than the chunked form; `chunked_scan` stays the PyTorch form everywhere else. On CUDA, when the
+optional `mamba_ssm` package is installed, `selective_scan` calls its fused kernel (`scan_backend="auto"`);
+neither is ever required. `Mamba` is the mixer layer: its parameter names and
 shapes are those of `mamba_ssm.modules.mamba_simple.Mamba` and of transformers' `MambaMixer`, and the
 bidirectional variant adds Vision Mamba's "v2" backward branch (`conv1d_b`, `x_proj_b`, `dt_proj_b`,
 `A_b_log`, `D_b`) as DiS and Dimba use it.
@@ -30,9 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from . import _cpu_kernels, _scan_cpu
 from .layers import HookPoint
 
-SCAN_BACKENDS = ("auto", "torch", "mamba_ssm")
+SCAN_BACKENDS = ("auto", "torch", "compiled", "mamba_ssm")
 
 
 #################################################################################
@@ -239,12 +243,50 @@ def chunked_scan(delta, du, A, B, C, chunk: int | None = None) -> torch.Tensor:
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-class SelectiveScan(nn.Module):
-    """Holds no weights: `chunked_scan` as a module of its own, so that profilers and
-    `benchmarks/bench_backbones.py` can attribute its cost (like `ditk.models.rwkv.BiWKV`)."""
+def scan(u, dt, A, B, C, D=None, dt_bias=None, softplus=False, backend: str = "auto",
+         reverse_from: int | None = None) -> torch.Tensor:
+    """The selective scan token-major, with the work per token and channel around it:
 
-    def forward(self, delta, du, A, B, C):
-        return chunked_scan(delta, du, A, B, C)
+        delta = softplus(dt + dt_bias) (or dt + dt_bias),  y_t = C_t . h_t + D u_t,
+        h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t,
+
+    u, dt (G, L, d); A (G, n, d); B, C (G, L, n); D, dt_bias (d,) or (G, d) or None -> y (G, L, d).
+    Sequences g >= reverse_from (None: none) are scanned from their last token to the first.
+    Runs the compiled CPU loop (`ditk.models._scan_cpu`, everything above in one pass) where it applies:
+    backend "auto" or "compiled", CPU tensors of one float dtype, and a C++ compiler to build it with (else
+    "auto" falls back to PyTorch; "compiled" raises). "torch" (and "mamba_ssm", which is dispatched before
+    this point) uses PyTorch: these elementwise steps and `chunked_scan`."""
+    if backend in ("auto", "compiled") and _scan_cpu.supports(u, dt, A, B, C):
+        if _scan_cpu.library() is not None:
+            return _scan_cpu.compiled_scan(dt, u, A, B, C, dt_bias, D, softplus, reverse_from)
+        if backend == "compiled":
+            raise ConfigError("scan backend 'compiled' could not build its CPU kernel "
+                              f"({_cpu_kernels.error(_scan_cpu.NAME) or 'DITK_CPU_KERNELS=0'}): install a C++ "
+                              "compiler (g++) or use scan_backend=auto or torch")
+    if reverse_from is not None and reverse_from < u.shape[0]:  # flip those sequences in time, scan, flip back
+        flip = lambda x: torch.cat([x[:reverse_from], x[reverse_from:].flip(1)])  # noqa: E731
+        return flip(scan(flip(u), flip(dt), A, flip(B), flip(C), D, dt_bias, softplus, backend))
+    delta = dt if dt_bias is None else dt + dt_bias.unsqueeze(-2)
+    if softplus:
+        delta = F.softplus(delta)
+    y = chunked_scan(delta, delta * u, A, B, C)
+    return y if D is None else torch.addcmul(y, u, D.unsqueeze(-2))
+
+
+class SelectiveScan(nn.Module):
+    """Holds no weights: `scan` as a module of its own, so that profilers and `benchmarks/bench_backbones.py`
+    can attribute its cost (like `ditk.models.rwkv.BiWKV`)."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+
+    def compiled(self, x: torch.Tensor) -> bool:
+        """Whether `scan` will run the compiled CPU kernel for tensors like x (see `scan`)."""
+        return self.backend in ("auto", "compiled") and _scan_cpu.supports(x) and _scan_cpu.library() is not None
+
+    def forward(self, u, dt, A, B, C, D=None, dt_bias=None, softplus=False, reverse_from=None):
+        return scan(u, dt, A, B, C, D, dt_bias, softplus, self.backend, reverse_from)
 
 
 #################################################################################
@@ -269,7 +311,7 @@ def kernels_available() -> bool:
 def _use_kernel(backend: str, x: torch.Tensor) -> bool:
     if backend not in SCAN_BACKENDS:
         raise ConfigError(f"unknown scan backend '{backend}': use one of {', '.join(SCAN_BACKENDS)}")
-    if backend != "torch" and x.is_cuda and _mamba_ssm_scan() is not None:
+    if backend in ("auto", "mamba_ssm") and x.is_cuda and _mamba_ssm_scan() is not None:
         return True
     if backend == "mamba_ssm":
         raise ConfigError("scan backend 'mamba_ssm' needs the mamba_ssm package and a CUDA device: "
@@ -284,21 +326,26 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     u, delta, z: (batch, d, L); A: (d, n) (negative real); B, C: (batch, n, L); D, delta_bias: (d,).
     Returns y (batch, d, L) in u's dtype; the recurrence runs in float32 (as the CUDA kernel does; float64 inputs
     stay float64).
-    backend: "auto" (mamba_ssm's kernel on CUDA when installed, else PyTorch), "torch" or "mamba_ssm".
+    backend: "auto" (mamba_ssm's kernel on CUDA when installed, the compiled loop on CPU when a C++ compiler
+    is there, else PyTorch), "torch", "compiled" or "mamba_ssm" (see `scan`).
     """
     if _use_kernel(backend, u):
         return _mamba_ssm_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     dtype = u.dtype
     f = torch.promote_types(dtype, torch.float32)  # float32, or float64 for float64 inputs
     u, delta = u.to(f).transpose(1, 2), delta.to(f).transpose(1, 2)  # (batch, L, d)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(f)
-    if delta_softplus:
-        delta = F.softplus(delta)
     A = A.to(f).t().expand(u.shape[0], A.shape[1], A.shape[0])
-    y = chunked_scan(delta, delta * u, A, B.to(f).transpose(1, 2), C.to(f).transpose(1, 2), chunk)
-    if D is not None:
-        y = y + D.to(f) * u
+    B, C = B.to(f).transpose(1, 2), C.to(f).transpose(1, 2)
+    D, delta_bias = (None if x is None else x.to(f) for x in (D, delta_bias))
+    if chunk:  # the PyTorch form with a given chunk length (tests)
+        if delta_bias is not None:
+            delta = delta + delta_bias
+        if delta_softplus:
+            delta = F.softplus(delta)
+        y = chunked_scan(delta, delta * u, A, B, C, chunk)
+        y = y if D is None else y + D * u
+    else:
+        y = scan(u, delta, A, B, C, D, delta_bias, delta_softplus, backend)
     if z is not None:
         y = y * F.silu(z.to(f).transpose(1, 2))
     return y.transpose(1, 2).to(dtype)
@@ -338,7 +385,7 @@ class Mamba(nn.Module):
             self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b = self._direction(conv_bias)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
         self.out_hook = HookPoint()
-        self.scan = SelectiveScan()
+        self.scan = SelectiveScan(scan_backend)
 
     def _direction(self, conv_bias: bool):
         """One scan direction's parameters, initialised as in mamba_ssm."""
@@ -395,25 +442,34 @@ class Mamba(nn.Module):
         dirs = self._directions()
         nd = len(dirs)
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (N, L, d_inner) each
-        xs = x.unsqueeze(0) if nd == 1 else torch.stack([x, x.flip(1)])  # (nd, N, L, d)
         conv_w = torch.stack([c.weight[:, 0] for c, *_ in dirs])  # (nd, d, k)
         conv_b = torch.stack([c.bias for c, *_ in dirs]) if dirs[0][0].bias is not None else None
-        u = F.silu(causal_conv_tokens(xs, conv_w, conv_b))  # (nd, N, L, d)
+        # Compiled CPU kernels: the reversed direction is computed on the unflipped sequence (anti-causal conv,
+        # scan from the end), so nothing is flipped. Otherwise the reversed sequence is a flipped copy.
+        compiled = self.scan.compiled(x)
+        if compiled:
+            u = _scan_cpu.ConvSilu.apply(x, conv_w.transpose(1, 2), conv_b)  # (nd, N, L, d)
+        else:
+            xs = x.unsqueeze(0) if nd == 1 else torch.stack([x, x.flip(1)])  # (nd, N, L, d)
+            u = F.silu(causal_conv_tokens(xs, conv_w, conv_b))  # (nd, N, L, d)
         proj = torch.matmul(u.view(nd, -1, d), torch.stack([p.weight for _, p, *_ in dirs]).transpose(1, 2))
         dt, B, C = torch.split(proj, [r, n, n], dim=-1)  # (nd, N L, .)
         dt_w = torch.stack([p.weight for _, _, p, *_ in dirs]).transpose(1, 2)  # (nd, r, d)
-        dt_b = torch.stack([p.bias for _, _, p, *_ in dirs]).unsqueeze(1)  # (nd, 1, d)
         f = torch.promote_types(u.dtype, torch.float32)  # the scan runs in float32 (float64 stays float64)
-        delta = F.softplus(torch.baddbmm(dt_b, dt, dt_w).to(f)).view(nd * n_seq, length, d)
+        dt = torch.bmm(dt, dt_w).to(f).view(nd * n_seq, length, d)  # dt_proj's bias is added inside the scan
+
+        def per_seq(x):  # (nd, ...) per direction -> (nd N, ...) per scanned sequence
+            return x.to(f).unsqueeze(1).expand(nd, n_seq, *x.shape[1:]).reshape(nd * n_seq, *x.shape[1:])
+
+        dt_b = per_seq(torch.stack([p.bias for _, _, p, *_ in dirs]))  # (nd N, d)
+        D = per_seq(torch.stack([dd for *_, dd in dirs]))  # (nd N, d)
+        A = per_seq(-torch.exp(torch.stack([a for *_, a, _ in dirs]).to(f)).transpose(1, 2))  # (nd N, n, d)
         uf = u.to(f).view(nd * n_seq, length, d)
-        A = -torch.exp(torch.stack([a for *_, a, _ in dirs]).to(f)).transpose(1, 2)  # (nd, n, d)
-        A = A.unsqueeze(1).expand(nd, n_seq, n, d).reshape(nd * n_seq, n, d)
-        y = self.scan(delta, delta * uf, A, B.to(f).reshape(nd * n_seq, length, n),
-                         C.to(f).reshape(nd * n_seq, length, n))
-        D = torch.stack([dd for *_, dd in dirs]).to(f)[:, None, None]  # (nd, 1, 1, d)
-        y = torch.addcmul(y.view(nd, n_seq, length, d), uf.view(nd, n_seq, length, d), D)
+        # y = scan + D u, delta = softplus(dt + dt_bias): one call (one compiled pass on CPU)
+        y = self.scan(uf, dt, A, B.to(f).reshape(nd * n_seq, length, n), C.to(f).reshape(nd * n_seq, length, n),
+                      D, dt_b, True, reverse_from=n_seq if compiled else None).view(nd, n_seq, length, d)
         if nd == 2:
-            y = y[0] + y[1].flip(1)
+            y = y[0] + (y[1] if compiled else y[1].flip(1))
             if self.divide_out:
                 y = y / 2
         else:

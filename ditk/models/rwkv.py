@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..config import section_kwargs
 from ..errors import ConfigError
 from ..registry import MODELS
+from . import _cpu_kernels
 from .convert import count_blocks, is_official_uvit, official_uvit_to_ditk
 from .layers import (
     FinalLayer,
@@ -59,7 +60,7 @@ DRWKV_SIZES = {
     "L": (37, 768),
     "H": (37, 1024),
 }
-WKV_IMPLS = ("auto", "torch", "triton")
+WKV_IMPLS = ("auto", "torch", "compiled", "triton")
 INIT_MODES = ("fancy", "local", "global")
 
 
@@ -79,7 +80,8 @@ class DiffusionRWKVConfig:
     init_mode: str = "fancy"  # RWKV init of decay/first/mix: fancy | local | global
     skip: bool = True  # U-ViT long skips into the out blocks (the paper's layout)
     drop_path_rate: float = 0.0  # stochastic depth, linear 0 -> rate over blocks (official default 0.1)
-    wkv_impl: str = "auto"  # auto: Triton kernel for CUDA inference when available, else torch | torch | triton
+    # auto: a fused inference kernel (Triton on CUDA, compiled C++ on CPU) when available, else torch
+    wkv_impl: str = "auto"  # auto | torch | compiled | triton
 
 
 def drwkv_size_config(size: str, patch_size: int = 2, **overrides) -> DiffusionRWKVConfig:
@@ -204,7 +206,7 @@ def bi_wkv_flops(batch: int, tokens: int, channels: int) -> int:
 
 
 class BiWKV(nn.Module):
-    """Holds no weights: it dispatches the Bi-WKV to the Triton kernel or the PyTorch form.
+    """Holds no weights: it dispatches the Bi-WKV to a fused inference kernel or the PyTorch form.
 
     A module of its own so profilers (and `benchmarks/bench_backbones.py`) can attribute its cost.
     """
@@ -215,30 +217,41 @@ class BiWKV(nn.Module):
             raise ConfigError(f"unknown model.wkv_impl '{impl}': choose one of {', '.join(WKV_IMPLS)}")
         self.impl = impl
 
-    def _use_triton(self, k: torch.Tensor, needs_grad: bool) -> bool:
-        """auto: the kernel for no-grad forwards on CUDA when Triton imports; triton: the same, but an error
-        where it cannot run; torch: never. Forwards that need gradients always use the PyTorch form."""
+    def _kernel(self, k: torch.Tensor, needs_grad: bool):
+        """The fused forward to use, or None for the PyTorch form. auto: the compiled C++ loop on CPU (when a
+        C++ compiler is there) and the Triton kernel on CUDA (when Triton imports), for forwards without
+        gradients; compiled / triton: the same, but an error where it cannot run; torch: never. Forwards that
+        need gradients always use the PyTorch form (the kernels have no backward)."""
         if self.impl == "torch":
-            return False
-        if k.device.type != "cuda":
+            return None
+        if k.device.type == "cpu":
             if self.impl == "triton":
                 raise ConfigError("model.wkv_impl=triton needs a CUDA device: use model.wkv_impl=auto or torch")
-            return False
+            from . import _wkv_cpu
+
+            if _wkv_cpu.library() is None:
+                if self.impl == "compiled":
+                    raise ConfigError("model.wkv_impl=compiled could not build its CPU kernel ("
+                                      f"{_cpu_kernels.error(_wkv_cpu.NAME) or 'DITK_CPU_KERNELS=0'}): install a C++ "
+                                      "compiler (g++) or use model.wkv_impl=auto or torch")
+                return None
+            return None if needs_grad else _wkv_cpu.bi_wkv_cpu
+        if k.device.type != "cuda" or self.impl == "compiled":
+            if self.impl != "auto":
+                raise ConfigError(f"model.wkv_impl={self.impl} cannot run on {k.device.type}: use auto or torch")
+            return None
         from . import _rwkv_triton
 
         if not _rwkv_triton.available():
             if self.impl == "triton":
                 raise ConfigError("model.wkv_impl=triton but Triton is not installed: install it or use auto")
-            return False
-        return not needs_grad
+            return None
+        return None if needs_grad else _rwkv_triton.bi_wkv_triton
 
     def forward(self, w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v))
-        if self._use_triton(k, needs_grad):  # the kernel is forward-only: training uses the PyTorch form
-            from ._rwkv_triton import bi_wkv_triton
-
-            return bi_wkv_triton(w, u, k, v)
-        return bi_wkv(w, u, k, v)
+        kernel = self._kernel(k, needs_grad)
+        return bi_wkv(w, u, k, v) if kernel is None else kernel(w, u, k, v)
 
 
 #################################################################################
@@ -366,7 +379,8 @@ class ChannelMix(nn.Module):
             xr = torch.lerp(xx, x, self.spatial_mix_r)
         else:
             xk = xr = x
-        k = torch.square(torch.relu(self.key(xk)))
+        k = torch.relu(self.key(xk))
+        k = k * k  # squared ReLU (torch.square runs as a generic pow on CPU: ~6x slower than this product)
         return torch.sigmoid(self.receptance(xr)) * self.value(k)
 
 
