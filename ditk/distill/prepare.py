@@ -52,7 +52,11 @@ def check_init_shapes(student_cfg: DictConfig, init: str) -> None:
     with torch.device("meta"):
         student = build_model(student_cfg).state_dict()
         source = build_model(init_cfg).state_dict()
+    from ..models.guidance import PREFIX
+
     for key, value in student.items():
+        if key.startswith(PREFIX) and not any(k.startswith(PREFIX) for k in source):
+            continue  # a guidance embedding the student adds to its init (zero-output at init: ditk.models.guidance)
         if key not in source:
             raise ConfigError(f"the student has '{key}' which its init {init} lacks: the student's model.* must be "
                               f"the init's architecture (or drop train.init_from / distill.student)")
@@ -115,6 +119,9 @@ def prepare(preset: str, overrides) -> tuple[DictConfig, str]:
                                   f"and classes")
     if not raw["train"]["init_from"]:
         raw["train"]["init_from"] = init_default
+    builder = DISTILL_METHODS.get(raw["distill"]["method"]).builder
+    if hasattr(builder, "student_model_keys"):  # e.g. consistency with a guidance range: model.guidance_embed
+        raw["model"].update(builder.student_model_keys(raw["distill"]))
     cfg = validate(OmegaConf.create(raw))
     if cfg.train.init_from and _is_run(cfg.train.init_from):
         check_init_shapes(cfg, cfg.train.init_from)
