@@ -79,6 +79,9 @@ class Distiller:
 
     # Objectives (by name) the method supports; the command refuses the others before writing anything.
     objectives: tuple = ("ddpm", "rectified-flow")
+    # What the method reads from the run's data section (named in the error when the data is missing).
+    data_need: str = "real training images and their labels"
+
 
     def __init__(self, options, objective, cfg):
         self.base = objective

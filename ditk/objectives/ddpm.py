@@ -318,7 +318,18 @@ class DDPM(Objective):
             # original_inference_steps = 50 grid the student was distilled on).
             from diffusers import LCMScheduler
 
+            custom = options.pop("timesteps", None)  # a generator's own stages (DMD2's 1-step t = 399, ...)
             scheduler = build_scheduler(LCMScheduler, options, **common, clip_sample=False)
+            if custom:
+                custom = [int(t) for t in custom]
+                if len(custom) != steps:
+                    raise ConfigError(f"solver_options.timesteps {custom} has {len(custom)} entries but steps={steps}: "
+                                      f"sample with --steps {len(custom)}")
+                if custom != sorted(set(custom), reverse=True) or not 0 <= custom[-1] <= custom[0] < self.num_timesteps:
+                    raise ConfigError(f"solver_options.timesteps must decrease within 0..{self.num_timesteps - 1}, "
+                                      f"got {custom}")
+                scheduler.set_timesteps(timesteps=custom, device=device)
+                return scheduler
         elif solver == "dpm-solver++":
             # DPM-Solver++(2M); it reads the previous sigma from its own table, so any spacing is exact.
             scheduler = build_scheduler(
