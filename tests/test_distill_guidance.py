@@ -135,3 +135,26 @@ def test_guidance_embed_is_a_model_key_every_backbone_section_accepts_and_rebuil
     assert "guidance_embed" not in plain.model  # configs that do not use it are unchanged
     with pytest.raises(Exception, match="guidance_embed"):
         resolve("digits-dit", ["model.guidance_embed=maybe"], allow_missing=("data",))
+
+
+@pytest.mark.parametrize("preset", ["digits-dit-moe", "digits-dis", "digits-drwkv", "digits-dydit"])
+def test_the_embedding_is_generic_over_backbones_with_a_timestep_mlp(preset):
+    """Every t_embedder backbone: a student built with model.guidance_embed and started from the plain model
+    (through convert_state_dict, as train.init_from does) equals it exactly; a trained embedding makes w matter."""
+    from ditk.build import build_model
+    from ditk.config import resolve
+
+    torch.manual_seed(0)
+    plain = build_model(resolve(preset, [], allow_missing=("data",))).eval()
+    for name, p in plain.named_parameters():  # adaLN-Zero's zeros would hide what c does
+        if "adaLN" in name or "final_layer" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    student = build_model(resolve(preset, ["model.guidance_embed=true"], allow_missing=("data",))).eval()
+    student.load_state_dict(student.convert_state_dict(plain.state_dict()))
+    x = torch.randn(2, plain.in_channels, plain.input_size, plain.input_size)
+    t, y = torch.tensor([10.0, 500.0]), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(plain(x, t, y=y), student(x, t, y=y, w=torch.tensor([2.0, 3.0])))
+        torch.nn.init.normal_(student.t_embedder.w_embedder.mlp[2].weight, std=0.5)
+        assert not torch.allclose(student(x, t, y=y, w=torch.tensor([1.0, 1.0])),
+                                  student(x, t, y=y, w=torch.tensor([4.0, 4.0])))

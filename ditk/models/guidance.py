@@ -91,8 +91,8 @@ def _clear_w(model, args, kwargs, output):
 def _convert_state_dict(model, sd):
     """Initial weights from a run without the embedding (the teacher): its keys are filled from this model's own
     (zero-output) initialisation, so a student starts as its teacher (ditk.models.convert.load_initial_weights)."""
-    convert = getattr(type(model), "convert_state_dict", None)  # the family's own conversion (DyDiT's routers)
-    sd = convert(model, sd) if convert is not None else dict(sd)
+    convert = model.__dict__.get("_convert_without_guidance")  # the family's own conversion (DyDiT's routers)
+    sd = convert(sd) if convert is not None else dict(sd)
     if not any(k.startswith(PREFIX) for k in sd):
         own = model.t_embedder.w_embedder.state_dict()
         sd = {**sd, **{PREFIX + k: v.detach().clone() for k, v in own.items()}}
@@ -111,5 +111,7 @@ def add_guidance_embedding(model: nn.Module) -> nn.Module:
     model.register_forward_pre_hook(_take_w, with_kwargs=True)
     t_embedder.register_forward_hook(_add_w)
     model.register_forward_hook(_clear_w, with_kwargs=True)
+    if hasattr(model, "convert_state_dict"):  # a bound method (rebound by deepcopy) or a static function
+        model._convert_without_guidance = model.convert_state_dict
     model.convert_state_dict = types.MethodType(_convert_state_dict, model)
     return model
