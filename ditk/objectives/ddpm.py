@@ -328,7 +328,14 @@ class DDPM(Objective):
                 if custom != sorted(set(custom), reverse=True) or not 0 <= custom[-1] <= custom[0] < self.num_timesteps:
                     raise ConfigError(f"solver_options.timesteps must decrease within 0..{self.num_timesteps - 1}, "
                                       f"got {custom}")
-                scheduler.set_timesteps(timesteps=custom, device=device)
+                from diffusers.utils import logging as diffusers_logging
+
+                level = diffusers_logging.get_verbosity()  # its warning that 399 is not LCM's 999 is the point here
+                diffusers_logging.set_verbosity_error()
+                try:
+                    scheduler.set_timesteps(timesteps=custom, device=device)
+                finally:
+                    diffusers_logging.set_verbosity(level)
                 return scheduler
         elif solver == "dpm-solver++":
             # DPM-Solver++(2M); it reads the previous sigma from its own table, so any spacing is exact.
