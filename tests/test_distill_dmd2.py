@@ -81,7 +81,8 @@ def test_backward_simulation_feeds_each_stage_the_generator_s_own_renoised_outpu
 def test_dmd2_runs_resumes_exactly_and_leaves_the_teacher_untouched(trained_run, tmp_path):
     before = digest(trained_run)
     student = small_student(tmp_path, depth=1, hidden_size=32, num_heads=2)
-    args = ["digits-dit-dmd2", *TINY, f"distill.teacher={trained_run}", f"distill.student={student}", "distill.ratio=2", "sample.steps=1",
+    args = ["digits-dit-dmd2", *TINY, f"distill.teacher={trained_run}", f"distill.student={student}", "distill.ratio=2",
+            "distill.gan_weight=0", "sample.steps=1",
             "optim.lr=1e-3", "train.global_batch_size=8", f"run.dir={tmp_path}", *FAST]
     invoke_ditk("distill", *args, "run.name=full", "train.max_steps=6", check=True)
     invoke_ditk("distill", *args, "run.name=cut", "train.max_steps=3", check=True)
@@ -96,7 +97,8 @@ def test_dmd2_runs_resumes_exactly_and_leaves_the_teacher_untouched(trained_run,
 
 def test_a_generator_grid_the_lcm_sampler_does_not_visit_is_refused(trained_run, tmp_path):
     proc = invoke_ditk("distill", "digits-dit-dmd2", *TINY, f"distill.teacher={trained_run}", "sample.steps=4",
-                       "distill.generator_timesteps=[999,749,499,249]", f"run.dir={tmp_path / 'runs'}", *FAST)
+                       "distill.generator_timesteps=[999,749,499,249]", "sample.solver_options.timesteps=null",
+                       f"run.dir={tmp_path / 'runs'}", *FAST)
     assert proc.returncode == 2 and "[999, 759, 499, 259]" in proc.stderr and not (tmp_path / "runs").exists()
 
 
@@ -222,10 +224,10 @@ def test_a_one_step_generator_at_t_399_samples_on_its_own_timestep(trained_run, 
     """DMD2's 1-step SD recipe conditions the generator on t = 399: the lcm sampler takes that grid as
     solver_options.timesteps, and the check compares it with the generator's."""
     args = ["digits-dit-dmd2", *TINY, f"distill.teacher={trained_run}", "distill.generator_timesteps=[399]",
-            "sample.steps=1", f"run.dir={tmp_path}", *FAST]
-    proc = invoke_ditk("distill", *args, "train.max_steps=1")
+            "sample.steps=1", "distill.gan_weight=0", f"run.dir={tmp_path}", *FAST]
+    proc = invoke_ditk("distill", *args, "train.max_steps=1", "sample.solver_options.timesteps=null")
     assert proc.returncode == 2 and "[999]" in proc.stderr
-    invoke_ditk("distill", *args, "train.max_steps=1", "sample.solver_options.timesteps=[399]", check=True)
+    invoke_ditk("distill", *args, "train.max_steps=1", check=True)  # the preset's solver_options.timesteps=[399]
     from ditk.generate import load_pipeline
     from ditk.sampling import SOLVERS
 
