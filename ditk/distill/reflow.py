@@ -14,7 +14,7 @@
 The straighter flow samples with few Euler steps (`ditk sample runs/<student> --steps 1`).
 
 3. Optional one-step distillation afterwards (InstaFlow §3.2 / Rectified Flow §2.3 "distillation", `one_step_after`
-   = S > 0): from training step S on, the same run trains the one-step map instead, x̂ = z − v_θ(z, 1) (one Euler
+   = S >= 0): from training step S on (0: a run that starts from a finished reflow run, `distill.student=runs/<it>`), the same run trains the one-step map instead, x̂ = z − v_θ(z, 1) (one Euler
    step from t = 1 to 0, what `ditk sample --steps 1` computes), with the L2 loss ‖x̂ − x‖² on the teacher pairs
    (z, x). InstaFlow's LPIPS loss is not offered: its VGG / AlexNet weights are not available locally (no
    download at run time), so `one_step_loss=lpips` is a one-line error. Where InstaFlow distils the 2-RF model's
@@ -44,7 +44,7 @@ class ReflowConfig(DistillConfig):
     pair_solver: str = "euler"  # the teacher's sampler for the pairs (rectified-flow solvers)
     pair_steps: int = 50  # ... and its step count
     guidance_scale: float = 1.0  # teacher CFG w of the pairs (fixed; 1 = none)
-    one_step_after: int = 0  # > 0: from this training step on, one-step distillation on the pairs (InstaFlow)
+    one_step_after: int = -1  # >= 0: from this training step on, one-step distillation on the pairs (InstaFlow)
     one_step_loss: str = "l2"  # l2 (LPIPS: its weights are not available locally)
 
 
@@ -67,8 +67,8 @@ class Reflow(Distiller):
         if options.one_step_loss != "l2":
             raise ConfigError(f"distill.one_step_loss={options.one_step_loss} is not available: InstaFlow's LPIPS needs "
                               f"pretrained VGG/AlexNet weights, which are not available locally; use l2")
-        if int(options.one_step_after) < 0:
-            raise ConfigError("distill.one_step_after must be >= 0 (0: no one-step distillation)")
+        if int(options.one_step_after) < -1:
+            raise ConfigError("distill.one_step_after must be >= 0 (the step the one-step phase starts), or -1 (none)")
         self.z = self.x = self.y = None
         self.one_step = False
 
@@ -140,7 +140,7 @@ class Reflow(Distiller):
     def begin_step(self, model, step: int, max_steps: int) -> None:
         """The phase of this step: reflow, or (from one_step_after on) one-step distillation; a function of the step."""
         after = int(self.options.one_step_after)
-        self.one_step = 0 < after <= step
+        self.one_step = 0 <= after <= step
 
     def training_losses(self, model, x0, t, noise, model_kwargs=None) -> dict:
         """The loop's data batch and noise are not used: the pairs replace them."""
