@@ -57,11 +57,6 @@ class GuidanceEmbedder(nn.Module):
         return self.mlp(guidance_scale_embedding(w, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
 
 
-def embeds_guidance(model) -> bool:
-    model = getattr(model, "module", model)  # DDP
-    return isinstance(getattr(getattr(model, "t_embedder", None), "w_embedder", None), GuidanceEmbedder)
-
-
 # The hooks keep no state of their own (w rides on the t_embedder module), so a deepcopy of the model (the EMA)
 # works on its own weights.
 def _take_w(model, args, kwargs):
