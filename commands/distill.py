@@ -21,6 +21,7 @@ def command(preset, overrides, run_dir, resume, no_progress):
       ditk distill digits-dit distill.method=kd distill.teacher=runs/digits-dit distill.student=small.yaml
       ditk sample runs/digits-dit-cd                                      (samples with the student's solver/steps)
       ditk distill tones-musiccm distill.teacher=runs/tones-fluxmusic     (MusicCM: 4-step text-to-music student)
+      ditk distill digits-dit-lcm && ditk sample runs/digits-dit-lcm --cfg-scale 3   (w embedded: one forward/step)
 
     The student is an ordinary run (checkpoints, resume, pre-emption, DDP as `ditk train`) whose
     lineage.json names the teacher. Prints the run directory on stdout. Exit 75 when pre-empted.

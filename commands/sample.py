@@ -23,7 +23,7 @@ SHORTCUTS = {"num": "sample.num", "batch_size": "sample.batch_size", "seed": "sa
 @click.option("--seed", type=click.IntRange(0), help="Image i uses the seed (seed, i).")
 @click.option("--solver", help="ddpm, ddim, dpm-solver++, unipc (DDPM models); euler, heun (flow models); lcm (consistency-distilled students).")
 @click.option("--steps", type=click.IntRange(1), help="Number of solver steps.")
-@click.option("--cfg-scale", type=click.FloatRange(0), help="Classifier-free guidance scale (1 = off).")
+@click.option("--cfg-scale", type=click.FloatRange(0), help="Classifier-free guidance scale (1 = off); a student with an embedded guidance scale (LCM-style, model.guidance_embed) takes it as its input, one forward per step.")
 @click.option("--cfg-channels", type=click.IntRange(1), help="Guide only the first N channels (DiT's convention: 3).")
 @click.option("--class-labels", help="'uniform' (i mod classes), 'random', or a list such as 1,7,9.")
 @click.option("--prompt", help="Text prompt for every image (text-conditioned models, e.g. Dimba).")

@@ -11,7 +11,15 @@ from .registry import AUTOENCODERS, CONDITIONERS, DATASETS, MODELS, OBJECTIVES
 
 
 def build_model(cfg: DictConfig):
-    return MODELS.build(cfg.model.name, section_obj(cfg.model))
+    from omegaconf import OmegaConf
+
+    section = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model.keys() if k not in ("name", "guidance_embed")])
+    model = MODELS.build(cfg.model.name, section)
+    if cfg.model.get("guidance_embed", False):  # an LCM-style student: the CFG scale is a model input
+        from .models.guidance import add_guidance_embedding
+
+        add_guidance_embedding(model)
+    return model
 
 
 def build_objective(cfg: DictConfig):

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
-from .schema import DEFAULT_NAMES, FIXED_SECTIONS, OPTIONAL_FIXED_SECTIONS, OPTIONAL_SECTIONS, REGISTRY_SECTIONS
+from .schema import COMMON_KEYS, DEFAULT_NAMES, FIXED_SECTIONS, OPTIONAL_FIXED_SECTIONS, OPTIONAL_SECTIONS, REGISTRY_SECTIONS
 
 
 def presets_root() -> Path:
@@ -141,6 +141,20 @@ def _typed_section(section: str, given: Any, schema: type, allow_missing: bool =
     return typed
 
 
+def _common_keys(section: str, given: dict) -> dict:
+    """Keys every entry of a registry section accepts besides its own dataclass's (schema.COMMON_KEYS), popped from
+    `given`; only values other than the default are kept, so configs that do not use them are unchanged."""
+    out = {}
+    for key, (kind, default) in COMMON_KEYS.get(section, {}).items():
+        if key in given:
+            value = given.pop(key)
+            if not isinstance(value, kind):
+                raise ConfigError(f"bad value for '{section}.{key}': {value!r} is not a {kind.__name__}")
+            if value != default:
+                out[key] = value
+    return out
+
+
 def validate(cfg: DictConfig, allow_missing: Iterable[str] = ()) -> DictConfig:
     """Check every section against its schema; fill defaults; return a typed, struct-locked config.
 
@@ -166,6 +180,7 @@ def validate(cfg: DictConfig, allow_missing: Iterable[str] = ()) -> DictConfig:
     for section, reg_name in REGISTRY_SECTIONS.items():
         given = dict(raw.get(section) or {})
         name = given.pop("name", DEFAULT_NAMES.get(section))
+        common = _common_keys(section, given)
         if name is None:
             raise ConfigError(f"missing '{section}.name': set it in the preset or as {section}.name=...")
         entry = getattr(registry, reg_name).get(str(name))
@@ -173,7 +188,7 @@ def validate(cfg: DictConfig, allow_missing: Iterable[str] = ()) -> DictConfig:
             typed = _typed_section(section, given, entry.config, section in allow_missing)
         else:
             typed = OmegaConf.create(given)
-        section_cfg = OmegaConf.merge(OmegaConf.create({"name": entry.name}), OmegaConf.to_container(typed))
+        section_cfg = OmegaConf.merge(OmegaConf.create({"name": entry.name}), OmegaConf.to_container(typed), common)
         out[section] = section_cfg
     for section, (reg_name, key) in OPTIONAL_SECTIONS.items():  # present only when given (e.g. `distill`)
         if section not in raw:

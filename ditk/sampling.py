@@ -64,7 +64,7 @@ def sample(
     *,
     solver="ddpm",
     steps: int = 250,
-    cfg_scale: float = 1.0,
+    cfg_scale: float = 1.0,  # a model with an embedded guidance scale takes it as its input w instead
     cfg_channels: Optional[int] = None,
     generator: Union[torch.Generator, list[torch.Generator], None] = None,
     progress: bool = False,
@@ -96,6 +96,11 @@ def sample(
 
     cond = dict(cond or {})
     guided = float(cfg_scale) != 1.0
+    if getattr(getattr(model, "t_embedder", None), "w_embedder", None) is not None:
+        # A model with an embedded guidance scale (an LCM-style student, ditk.models.guidance): cfg_scale is its
+        # input w, one forward pass per step, no [cond; uncond] batch.
+        cond["w"] = torch.full((noise.shape[0],), float(cfg_scale), device=noise.device)
+        guided = False
     if guided:
         if uncond is None:
             raise ConfigError(f"cfg_scale={cfg_scale} needs unconditional inputs: pass uncond (or set cfg_scale 1)")

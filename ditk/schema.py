@@ -128,6 +128,9 @@ REGISTRY_SECTIONS = {
     "conditioner": "CONDITIONERS",
 }
 DEFAULT_NAMES = {"autoencoder": "identity", "conditioner": "class"}
+# Keys a registry section accepts for every entry, besides its dataclass's: section -> {key: (type, default)}.
+# model.guidance_embed: the model takes the CFG scale as an input `w` (ditk.models.guidance; LCM-style students).
+COMMON_KEYS = {"model": {"guidance_embed": (bool, False)}}
 # Sections that only some runs have: section -> (registry attribute, the key that selects the entry). A run made by
 # `ditk distill` has `distill: {method: consistency, teacher: runs/x, ...}`; a run without the section has none.
 OPTIONAL_SECTIONS = {"distill": ("DISTILL_METHODS", "method")}

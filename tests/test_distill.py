@@ -150,6 +150,7 @@ def test_a_preset_without_distill_section_says_how():
     ("dit-xl-2-lcm", "consistency", 675.1e6), ("dit-xl-2-dmd2", "dmd2", 675.1e6),
     ("digits-dit-cd", "consistency", None), ("digits-dit-dmd2", "dmd2", None),
     ("digits-dit-progressive", "progressive", None), ("digits-dit-reflow", "reflow", None),
+    ("digits-dit-lcm", "consistency", None),
 ])
 def test_distill_presets_build_and_validate(preset, method, params):
     """Every distill preset resolves (the paper-scale ones with their required paths given), its method accepts

@@ -81,7 +81,8 @@ def test_backward_simulation_feeds_each_stage_the_generator_s_own_renoised_outpu
 def test_dmd2_runs_resumes_exactly_and_leaves_the_teacher_untouched(trained_run, tmp_path):
     before = digest(trained_run)
     student = small_student(tmp_path, depth=1, hidden_size=32, num_heads=2)
-    args = ["digits-dit-dmd2", *TINY, f"distill.teacher={trained_run}", f"distill.student={student}", "distill.ratio=2", "sample.steps=1",
+    args = ["digits-dit-dmd2", *TINY, f"distill.teacher={trained_run}", f"distill.student={student}", "distill.ratio=2",
+            "distill.gan_weight=0", "sample.steps=1",
             "optim.lr=1e-3", "train.global_batch_size=8", f"run.dir={tmp_path}", *FAST]
     invoke_ditk("distill", *args, "run.name=full", "train.max_steps=6", check=True)
     invoke_ditk("distill", *args, "run.name=cut", "train.max_steps=3", check=True)
@@ -96,7 +97,8 @@ def test_dmd2_runs_resumes_exactly_and_leaves_the_teacher_untouched(trained_run,
 
 def test_a_generator_grid_the_lcm_sampler_does_not_visit_is_refused(trained_run, tmp_path):
     proc = invoke_ditk("distill", "digits-dit-dmd2", *TINY, f"distill.teacher={trained_run}", "sample.steps=4",
-                       "distill.generator_timesteps=[999,749,499,249]", f"run.dir={tmp_path / 'runs'}", *FAST)
+                       "distill.generator_timesteps=[999,749,499,249]", "sample.solver_options.timesteps=null",
+                       f"run.dir={tmp_path / 'runs'}", *FAST)
     assert proc.returncode == 2 and "[999, 759, 499, 259]" in proc.stderr and not (tmp_path / "runs").exists()
 
 
@@ -134,3 +136,101 @@ def test_dmd2_matches_a_gaussian_teacher_s_distribution():
         loss["loss"].mean().backward()
         opt.step()
     assert abs(generator.a.item() - s) < 0.03 and abs(generator.b.item() - mu) < 0.05, (generator.a, generator.b)
+
+
+# -- the optional GAN head -------------------------------------------------------------------------------------------
+
+
+def test_gan_losses_are_dmd2_s_softplus_and_the_hinge_loss():
+    from ditk.distill.dmd2 import discriminator_loss, generator_gan_loss
+
+    r, f = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
+    sp = lambda v: torch.log1p(torch.exp(v))  # noqa: E731
+    torch.testing.assert_close(discriminator_loss(r, f, "nonsaturating"), sp(f) + sp(-r))
+    torch.testing.assert_close(generator_gan_loss(f, "nonsaturating"), sp(-f))
+    torch.testing.assert_close(discriminator_loss(r, f, "hinge"), torch.tensor([0.0 + 1.5, 2.0 + 0.0]))
+    torch.testing.assert_close(generator_gan_loss(f, "hinge"), -f)
+
+
+def gan_method(**options):
+    m = method(real_guidance=1.0, ratio=1, gan_weight=1.0, gan_max_t=0.1, **options)
+    m.run_cfg = SimpleNamespace(optim=SimpleNamespace(lr=3e-3, betas=[0.0, 0.999], weight_decay=0.0),
+                                run=SimpleNamespace(seed=0))
+    import ditk.distill.dmd2 as dmd2
+
+    teacher = tiny(0)
+    orig = dmd2.Distiller.attach
+    dmd2.Distiller.attach = lambda self, **kw: setattr(self, "teacher", teacher)
+    try:
+        m.attach(device="cpu")
+    finally:
+        dmd2.Distiller.attach = orig
+    return m
+
+
+def test_the_gan_head_learns_to_tell_real_images_from_the_generator_s():
+    m = gan_method()
+    generator, cond = tiny(3), {"y": torch.arange(8) % 10}
+    real = torch.ones(8, 1, 8, 8)  # the "data": flat bright images; the generator makes something else
+    g = torch.Generator().manual_seed(0)
+
+    def margin():
+        with torch.no_grad():
+            x = m.generate(generator, torch.randn(8, 1, 8, 8, generator=g), torch.zeros(8, dtype=torch.long), cond, g,
+                           grad=False)
+            return float(m.realism(real, cond, g).mean() - m.realism(x, cond, g).mean())
+
+    before = margin()
+    for _ in range(25):
+        m.fake_update(generator, 8, (1, 8, 8), cond, g, "cpu", real=real)
+    assert margin() > before + 1.0, (before, margin())
+
+
+def test_the_generator_s_gan_loss_reaches_only_the_generator():
+    m = gan_method()
+    generator, cond = tiny(3), {"y": torch.arange(4) % 10}
+    t = m.sample_time(4, torch.Generator().manual_seed(0))
+    out = m.training_losses(generator, torch.ones(4, 1, 8, 8), t, torch.randn(4, 1, 8, 8), cond)
+    assert {"gan_loss", "head_loss", "fake_loss"} <= set(out)
+    m.fake_opt.zero_grad(set_to_none=True)
+    out["loss"].mean().backward()
+    assert all(p.grad is None for p in [*m.fake.parameters(), *m.head.parameters()])
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in generator.parameters())
+    assert all(p.requires_grad for p in [*m.fake.parameters(), *m.head.parameters()])  # restored for the fake update
+
+
+def test_dmd2_with_the_gan_head_runs_and_resumes_exactly(trained_run, tmp_path):
+    student = small_student(tmp_path, depth=1, hidden_size=32, num_heads=2)
+    args = ["digits-dit-dmd2", *TINY, f"distill.teacher={trained_run}", f"distill.student={student}", "distill.ratio=2",
+            "distill.gan_weight=3e-3", "distill.gan_loss=hinge", "sample.steps=1", "optim.lr=1e-3",
+            "train.global_batch_size=8", f"run.dir={tmp_path}", *FAST]
+    invoke_ditk("distill", *args, "run.name=full", "train.max_steps=4", check=True)
+    invoke_ditk("distill", *args, "run.name=cut", "train.max_steps=3", check=True)
+    invoke_ditk("distill", *args, "run.name=cut", "train.max_steps=4", check=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    state = torch.load(tmp_path / "full" / "checkpoints" / "step-000004" / "state.pt", weights_only=True)
+    assert "gan_head" in state["objective"]
+
+
+def test_missing_real_data_is_one_line_naming_the_data_source(trained_run, tmp_path):
+    proc = invoke_ditk("distill", "digits-dit-dmd2", *TINY, f"distill.teacher={trained_run}", "distill.gan_weight=3e-3",
+                       "data.name=image-folder", "data.path=???", f"run.dir={tmp_path / 'runs'}", *FAST)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "GAN head" in proc.stderr and "data.path" in proc.stderr and "image-folder" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_one_step_generator_at_t_399_samples_on_its_own_timestep(trained_run, tmp_path):
+    """DMD2's 1-step SD recipe conditions the generator on t = 399: the lcm sampler takes that grid as
+    solver_options.timesteps, and the check compares it with the generator's."""
+    args = ["digits-dit-dmd2", *TINY, f"distill.teacher={trained_run}", "distill.generator_timesteps=[399]",
+            "sample.steps=1", "distill.gan_weight=0", f"run.dir={tmp_path}", *FAST]
+    proc = invoke_ditk("distill", *args, "train.max_steps=1", "sample.solver_options.timesteps=null")
+    assert proc.returncode == 2 and "[999]" in proc.stderr
+    invoke_ditk("distill", *args, "train.max_steps=1", check=True)  # the preset's solver_options.timesteps=[399]
+    from ditk.generate import load_pipeline
+    from ditk.sampling import SOLVERS
+
+    pipe = load_pipeline(str(tmp_path / "digits-dit-dmd2"), device="cpu")
+    scheduler = SOLVERS.get("lcm").builder(pipe.objective, 1, **dict(pipe.cfg.sample.solver_options))
+    assert scheduler.timesteps.tolist() == [399]

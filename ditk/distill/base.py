@@ -67,7 +67,7 @@ def guided(model, x: torch.Tensor, t_model: torch.Tensor, cond: dict, uncond: Op
     computes it (`ditk.sampling.guide`: one forward on the [cond; uncond] batch)."""
     from ..sampling import guide
 
-    if scale == 1.0 or uncond is None:
+    if uncond is None or (not torch.is_tensor(scale) and scale == 1.0):  # a tensor: per-sample scales (N, 1, 1, 1)
         return model(x, t_model, **cond)
     kwargs = {k: torch.cat([cond[k], uncond[k].to(cond[k].device)], dim=0) for k in cond}
     out = model(torch.cat([x, x], dim=0), torch.cat([t_model, t_model], dim=0), **kwargs)
@@ -79,6 +79,9 @@ class Distiller:
 
     # Objectives (by name) the method supports; the command refuses the others before writing anything.
     objectives: tuple = ("ddpm", "rectified-flow")
+    # What the method reads from the run's data section (named in the error when the data is missing).
+    data_need: str = "real training images and their labels"
+
 
     def __init__(self, options, objective, cfg):
         self.base = objective

@@ -16,9 +16,19 @@ tianweiy/DMD2 `main/sd_guidance.py`, `main/sd_unified_model.py`), for DDPM and r
 - Randomness of the fake-score updates and of backward simulation comes from a per-step seed drawn from the
   step's generator (carried in the loop's `sample_time` rows), so runs resume exactly.
 
-Not implemented: DMD2's optional GAN head on the fake score's features with real images (gan weights 3e-3 / 1e-2),
-and the regression loss of DMD (v1). Where DMD2 has no ε-parameterised recipe we chose: the fake score is trained on
-ε (DDPM) or velocity (flow) with the objective's MSE, without the learned-variance term.
+- Optional GAN head (`gan_weight` > 0; DMD2 §4.3, `main/edm/edm_guidance.py`): a classifier on the fake score's
+  features of real and generated images, both noised to t ~ U[0, gan_max_t] of the schedule first (DMD2's
+  "diffusion GAN", ImageNet: the whole range). Its loss (weight `gan_head_weight`, DMD2 ImageNet 1e-2) joins the
+  fake score's denoising loss in each of the `ratio` fake updates (same optimizer, as DMD2's guidance model);
+  the generator adds `gan_weight` (DMD2 ImageNet 3e-3) x its adversarial loss. `gan_loss`: `nonsaturating`
+  (DMD2's: D softplus(f) + softplus(−r), G softplus(−f)) or `hinge` (D relu(1 − r) + relu(1 + f), G −f).
+  The real images are the run's data batches (the `data:` section, defaulted to the teacher's by `ditk distill`).
+  Where DMD2 used a UNet we chose: the features are the fake score's middle block output (`gan_block`; a UNet's
+  bottleneck is its middle), the head Linear-LayerNorm-SiLU per token, mean over tokens, Linear to one logit
+  (DMD2's conv-GroupNorm-SiLU stack pools its 8x8 bottleneck the same way).
+
+Not implemented: the regression loss of DMD (v1). Where DMD2 has no ε-parameterised recipe we chose: the fake
+score is trained on ε (DDPM) or velocity (flow) with the objective's MSE, without the learned-variance term.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..objectives.base import broadcast_to, mean_flat
@@ -46,6 +58,38 @@ class DMD2Config(DistillConfig):
     fake_lr: float = 0.0  # the fake score's learning rate (0: optim.lr, as DMD2's equal generator / guidance lr)
     min_t: float = 0.02  # DM-loss times drawn in [min_t, max_t] of the schedule (DMD2: min_step_percent 0.02, ...
     max_t: float = 0.98  # ... max_step_percent 0.98)
+    gan_weight: float = 0.0  # generator's GAN loss weight; 0: no GAN head (DMD2 ImageNet gen_cls_loss_weight 3e-3)
+    gan_head_weight: float = 1e-2  # the head's classification loss weight in the fake update (DMD2 cls_loss_weight)
+    gan_loss: str = "nonsaturating"  # nonsaturating (DMD2's softplus) | hinge
+    gan_max_t: float = 1.0  # real and fake images are noised to t ~ U[0, gan_max_t] before the head (DMD2: 1000/1000)
+    gan_block: int = -1  # the fake score's block whose output feeds the head; -1: the middle block (depth // 2)
+
+
+GAN_LOSSES = ("nonsaturating", "hinge")
+
+
+class GANHead(nn.Module):
+    """Block features (N, T, D) -> one realism logit (N,): Linear-LayerNorm-SiLU per token, token mean, Linear."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.LayerNorm(hidden_size), nn.SiLU())
+        self.out = nn.Linear(hidden_size, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(h).mean(dim=1)).squeeze(1)
+
+
+def discriminator_loss(real: torch.Tensor, fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """(N,) loss of the head on real and generated logits: DMD2's softplus(f) + softplus(-r), or the hinge loss."""
+    if kind == "hinge":
+        return torch.relu(1 - real) + torch.relu(1 + fake)
+    return F.softplus(fake) + F.softplus(-real)
+
+
+def generator_gan_loss(fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """(N,) the generator's adversarial loss: DMD2's non-saturating softplus(-f), or hinge's -f."""
+    return -fake if kind == "hinge" else F.softplus(-fake)
 
 
 def dm_gradient(x: torch.Tensor, p_real: torch.Tensor, p_fake: torch.Tensor) -> torch.Tensor:
@@ -62,6 +106,7 @@ def dm_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 @DISTILL_METHODS.register("dmd2", config=DMD2Config,
                           help="DMD2: distribution matching with a trainable fake score, TTUR, backward simulation")
 class DMD2(Distiller):
+    data_need = "real images (the GAN head's, distill.gan_weight > 0) and the generator's class labels"
     def __init__(self, options, objective, cfg):
         super().__init__(options, objective, cfg)
         self.kind = objective_kind(objective)
@@ -73,8 +118,15 @@ class DMD2(Distiller):
             raise ConfigError("distill.ratio must be >= 1")
         if not 0 <= options.min_t < options.max_t <= 1:
             raise ConfigError("distill.min_t and max_t must satisfy 0 <= min_t < max_t <= 1")
+        if options.gan_loss not in GAN_LOSSES:
+            raise ConfigError(f"unknown distill.gan_loss '{options.gan_loss}': use one of {', '.join(GAN_LOSSES)}")
+        if options.gan_weight < 0 or options.gan_head_weight < 0 or not 0 < options.gan_max_t <= 1:
+            raise ConfigError("distill.gan_weight and gan_head_weight must be >= 0 and 0 < gan_max_t <= 1")
+        self.gan = float(options.gan_weight) > 0
         self.fake = None
         self.fake_opt = None
+        self.head = None
+        self._features = None
 
     @classmethod
     def check(cls, options, cfg, teacher_cfg) -> None:
@@ -103,17 +155,58 @@ class DMD2(Distiller):
         super().attach(ema=ema, conditioner=conditioner, device=device, run_dir=run_dir)
         # The fake score starts as the teacher (DMD2) and is trained by the method's own optimizer.
         self.fake = copy.deepcopy(self.teacher).requires_grad_(True)
+        params = list(self.fake.parameters())
+        if self.gan:  # the head reads a block of the fake score and trains with it (DMD2's cls_pred_branch)
+            from ..hooks import blocks
+
+            stack = blocks(self.fake)
+            index = int(self.options.gan_block) if int(self.options.gan_block) >= 0 else len(stack) // 2
+            if index >= len(stack):
+                raise ConfigError(f"distill.gan_block={index} but the fake score has {len(stack)} blocks")
+            stack[index].register_forward_hook(self._keep_features)
+            with torch.random.fork_rng(devices=[]):  # seeded, without moving the loop's global RNG
+                torch.manual_seed(int(self.run_cfg.run.seed) if self.run_cfg is not None else 0)
+                self.head = GANHead(self._hidden_size(stack[index])).to(device)
+            params += list(self.head.parameters())
         lr = float(self.options.fake_lr) or float(self.run_cfg.optim.lr)
         betas = tuple(self.run_cfg.optim.betas)
-        self.fake_opt = torch.optim.AdamW(self.fake.parameters(), lr=lr, betas=betas,
+        self.fake_opt = torch.optim.AdamW(params, lr=lr, betas=betas,
                                           weight_decay=float(self.run_cfg.optim.weight_decay))
 
+    @staticmethod
+    def _hidden_size(block) -> int:
+        widths = [m.normalized_shape[0] for m in block.modules() if isinstance(m, nn.LayerNorm)]
+        if not widths:
+            raise ConfigError(f"DMD2's GAN head cannot tell the width of a {type(block).__name__}: set distill.gan_weight=0")
+        return int(widths[0])
+
+    def _keep_features(self, module, inputs, output):
+        self._features = output[0] if isinstance(output, (tuple, list)) else output
+
+    def realism(self, x0, cond, g: torch.Generator) -> torch.Tensor:
+        """(N,) head logits of images x0: noised to t ~ U[0, gan_max_t] (diffusion GAN), through the fake score."""
+        n = len(x0)
+        u = float(self.options.gan_max_t) * torch.rand(n, generator=g, dtype=torch.float64)
+        t = (u * (self.base.num_timesteps - 1)).round().long() if self.kind == "ddpm" else u.float().clamp(min=1e-4)
+        t = t.to(x0.device)
+        x_t = self.noised(x0, t, torch.randn(x0.shape, generator=g).to(x0.device))
+        self.fake(x_t, self.base.model_time(t), **cond)
+        features, self._features = self._features, None
+        return self.head(features.float())
+
     def state_dict(self) -> dict:
-        return {"fake": {k: v.detach().cpu() for k, v in self.fake.state_dict().items()},
-                "fake_opt": self.fake_opt.state_dict()}
+        state = {"fake": {k: v.detach().cpu() for k, v in self.fake.state_dict().items()},
+                 "fake_opt": self.fake_opt.state_dict()}
+        if self.head is not None:
+            state["gan_head"] = {k: v.detach().cpu() for k, v in self.head.state_dict().items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.fake.load_state_dict(state["fake"])
+        if self.head is not None:
+            if "gan_head" not in state:
+                raise ConfigError("this checkpoint was trained without DMD2's GAN head: resume with distill.gan_weight=0")
+            self.head.load_state_dict(state["gan_head"])
         self.fake_opt.load_state_dict(state["fake_opt"])
 
     # -- times --------------------------------------------------------------------------------------------------------
@@ -162,8 +255,9 @@ class DMD2(Distiller):
         with torch.enable_grad() if grad else torch.no_grad():
             return self.x0_pred(model, x, self.stage_time(stage), cond)
 
-    def fake_update(self, model, n: int, shape, cond, g: torch.Generator, device) -> float:
-        """One denoising step of the fake score on fresh generator samples; returns its loss."""
+    def fake_update(self, model, n: int, shape, cond, g: torch.Generator, device, real=None):
+        """One denoising step of the fake score on fresh generator samples (plus, with the GAN head, its
+        classification loss on `real` images and those samples); returns (denoising loss, head loss)."""
         z = torch.randn((n, *shape), generator=g).to(device)
         stage = torch.randint(0, len(self.stages), (n,), generator=g).to(device)
         x0 = self.generate(model, z, stage, cond, g, grad=False)
@@ -172,19 +266,25 @@ class DMD2(Distiller):
         x_t, target = forward_process(self.base, x0, t, noise)
         out = self.fake(x_t, self.base.model_time(t), **cond)[:, : x0.shape[1]]
         loss = mean_flat((out - target) ** 2).mean()
+        head_loss = torch.zeros(())
+        if self.gan:
+            head_loss = discriminator_loss(self.realism(real, cond, g), self.realism(x0, cond, g),
+                                           str(self.options.gan_loss)).mean()
+            loss = loss + float(self.options.gan_head_weight) * head_loss
         self.fake_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.fake_opt.step()
-        return float(loss.detach())
+        return float(loss.detach()), float(head_loss.detach())
 
     def training_losses(self, model, x0, t, noise, model_kwargs=None) -> dict:
-        """`noise` is the generator's input z; the data batch x0 is not used (no GAN head)."""
+        """`noise` is the generator's input z; the data batch x0 is used only by the GAN head (the real images)."""
         cond = model_kwargs or {}
         stage, u, seed = t[:, 0].long().to(noise.device), t[:, 1], int(t[0, 2])
         g = torch.Generator().manual_seed(seed)
-        fake_loss = 0.0
+        fake_loss = head_loss = 0.0
         for _ in range(int(self.options.ratio)):  # TTUR: the fake score first follows the current generator
-            fake_loss += self.fake_update(model, len(noise), noise.shape[1:], cond, g, noise.device)
+            denoise, head = self.fake_update(model, len(noise), noise.shape[1:], cond, g, noise.device, real=x0)
+            fake_loss, head_loss = fake_loss + denoise, head_loss + head
         x = self.generate(model, noise, stage, cond, g)
         lo, hi = float(self.options.min_t), float(self.options.max_t)
         u = (lo + (hi - lo) * u).to(noise.device)
@@ -196,4 +296,16 @@ class DMD2(Distiller):
             p_fake = self.x0_pred(self.fake, x_t, t_dm, cond)
             grad = dm_gradient(x.detach(), p_real, p_fake)
         loss = dm_loss(x, grad)
-        return {"loss": loss, "fake_loss": torch.full_like(loss, fake_loss / int(self.options.ratio))}
+        ratio = int(self.options.ratio)
+        out = {"fake_loss": torch.full_like(loss, fake_loss / ratio)}
+        if self.gan:  # the head judges the generator's images through the fake score (its weights get no step here)
+            self.fake.requires_grad_(False)  # gradients to the generator only
+            self.head.requires_grad_(False)
+            try:
+                gan = generator_gan_loss(self.realism(x, cond, g), str(self.options.gan_loss))
+            finally:
+                self.fake.requires_grad_(True)
+                self.head.requires_grad_(True)
+            loss = loss + float(self.options.gan_weight) * gan
+            out.update(gan_loss=gan.detach(), head_loss=torch.full_like(gan, head_loss / ratio))
+        return {"loss": loss, **out}

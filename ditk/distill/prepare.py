@@ -52,7 +52,11 @@ def check_init_shapes(student_cfg: DictConfig, init: str) -> None:
     with torch.device("meta"):
         student = build_model(student_cfg).state_dict()
         source = build_model(init_cfg).state_dict()
+    from ..models.guidance import PREFIX
+
     for key, value in student.items():
+        if key.startswith(PREFIX) and not any(k.startswith(PREFIX) for k in source):
+            continue  # a guidance embedding the student adds to its init (zero-output at init: ditk.models.guidance)
         if key not in source:
             raise ConfigError(f"the student has '{key}' which its init {init} lacks: the student's model.* must be "
                               f"the init's architecture (or drop train.init_from / distill.student)")
@@ -67,11 +71,29 @@ def check_init_shapes(student_cfg: DictConfig, init: str) -> None:
                           f"architecture (e.g. model.depth)")
 
 
+def _data_section(raw: dict, teacher_cfg: DictConfig, teacher: str) -> dict:
+    """The student's data section: the preset's, with the values it leaves unset (`???`, e.g. data.path) taken from
+    the teacher's run when that is the same dataset; else a one-line error naming what the method reads there."""
+    from ..registry import DISTILL_METHODS
+
+    data = dict(raw["data"])
+    missing = [k for k, v in data.items() if v == "???"]
+    if not missing:
+        return data
+    theirs = OmegaConf.to_container(teacher_cfg.data)
+    if theirs.get("name") == data.get("name") and all(theirs.get(k) not in (None, "???") for k in missing):
+        return {**data, **{k: theirs[k] for k in missing}}
+    need = getattr(DISTILL_METHODS.get(raw["distill"]["method"]).builder, "data_need", "its training data")
+    raise ConfigError(f"distill.method={raw['distill']['method']} reads {need} from the run's data section "
+                      f"(data.name={data.get('name')}), but data.{missing[0]} is not set and the teacher {teacher} does "
+                      f"not record one: pass data.{missing[0]}=...")
+
+
 def prepare(preset: str, overrides) -> tuple[DictConfig, str]:
     """(the validated student run config, the teacher's absolute path). Raises ConfigError on bad input."""
     from ..registry import DISTILL_METHODS
 
-    cfg = resolve(preset, overrides)
+    cfg = resolve(preset, overrides, allow_missing=("data",))  # an unset data section defaults to the teacher's
     if "distill" not in cfg:
         raise ConfigError(f"preset '{preset}' has no distill section: pass distill.method=kd|consistency|progressive|reflow|dmd2|musiccm "
                           f"distill.teacher=runs/<teacher>")
@@ -113,8 +135,12 @@ def prepare(preset: str, overrides) -> tuple[DictConfig, str]:
                 raise ConfigError(f"the student {student} has model.{key}={raw['model'].get(key)!r} but the teacher "
                                   f"{teacher_cfg.model.get(key)!r}: a student must keep the teacher's inputs, outputs "
                                   f"and classes")
+    raw["data"] = _data_section(raw, teacher_cfg, teacher)
     if not raw["train"]["init_from"]:
         raw["train"]["init_from"] = init_default
+    builder = DISTILL_METHODS.get(raw["distill"]["method"]).builder
+    if hasattr(builder, "student_model_keys"):  # e.g. consistency with a guidance range: model.guidance_embed
+        raw["model"].update(builder.student_model_keys(raw["distill"]))
     cfg = validate(OmegaConf.create(raw))
     if cfg.train.init_from and _is_run(cfg.train.init_from):
         check_init_shapes(cfg, cfg.train.init_from)

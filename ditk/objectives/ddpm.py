@@ -318,7 +318,25 @@ class DDPM(Objective):
             # original_inference_steps = 50 grid the student was distilled on).
             from diffusers import LCMScheduler
 
+            custom = options.pop("timesteps", None)  # a generator's own stages (DMD2's 1-step t = 399, ...)
             scheduler = build_scheduler(LCMScheduler, options, **common, clip_sample=False)
+            if custom:
+                custom = [int(t) for t in custom]
+                if len(custom) != steps:
+                    raise ConfigError(f"solver_options.timesteps {custom} has {len(custom)} entries but steps={steps}: "
+                                      f"sample with --steps {len(custom)}")
+                if custom != sorted(set(custom), reverse=True) or not 0 <= custom[-1] <= custom[0] < self.num_timesteps:
+                    raise ConfigError(f"solver_options.timesteps must decrease within 0..{self.num_timesteps - 1}, "
+                                      f"got {custom}")
+                from diffusers.utils import logging as diffusers_logging
+
+                level = diffusers_logging.get_verbosity()  # its warning that 399 is not LCM's 999 is the point here
+                diffusers_logging.set_verbosity_error()
+                try:
+                    scheduler.set_timesteps(timesteps=custom, device=device)
+                finally:
+                    diffusers_logging.set_verbosity(level)
+                return scheduler
         elif solver == "dpm-solver++":
             # DPM-Solver++(2M); it reads the previous sigma from its own table, so any spacing is exact.
             scheduler = build_scheduler(
