@@ -14,7 +14,7 @@ relative L2 / PSNR of its samples to the full-precision ones, time per image and
 Each measured row is saved under WORK/rows/ (WORK/dit-s2/rows/); a rerun of an interrupted benchmark reuses them.
 
 Every ditk command runs in a fresh process and this one never imports torch: on Linux a child's getrusage peak
-RSS starts at its parent's, so a large parent would mask the children's figures (DiT-S/2 rows read VmHWM instead).
+RSS starts at its parent's, so a large parent would mask the children's figures (ditk reports VmHWM, the process's own).
 
 Real rows (torchao) are real quantized weights; simulated rows are fake-quant: their time and memory are not
 a claim about a deployed model. Prints one JSON object per row, then a Markdown table.
@@ -139,7 +139,7 @@ def slug_of(name: str) -> str:
 
 DIT_ROW_CODE = """
 import json, sys, time, torch
-from ditk.generate import load_pipeline, sample_images
+from ditk.generate import load_pipeline, peak_rss_mb, sample_images
 torch.set_num_threads(1)
 folder, num, ref, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 pipe = load_pipeline(folder, overrides=json.loads(sys.argv[5]), device="cpu")  # the benchmark's sampler
@@ -147,9 +147,7 @@ sample_images(pipe, list(range(min(num, 2))))  # warm-up: one-off costs
 start = time.perf_counter()
 x = sample_images(pipe, list(range(num)))
 secs = time.perf_counter() - start
-# VmHWM: this process's own peak (getrusage's ru_maxrss is inherited from the parent across fork + exec on Linux)
-hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
-res = {"s_per_image": round(secs / num, 4), "peak_rss_mb": round(hwm, 1)}
+res = {"s_per_image": round(secs / num, 4), "peak_rss_mb": peak_rss_mb()}  # this process's own peak
 if ref == "-":
     torch.save(x, out)
 else:

@@ -40,6 +40,18 @@ class Pipeline:
     checkpoint: Optional[Path] = None  # the run's checkpoint the weights came from (verified)
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory. Linux's `ru_maxrss` carries the parent's peak across fork/exec (a
+    `ditk` spawned by a large process would report the parent's), so read the kernel's VmHWM where it exists."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux, the fallback
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -228,7 +240,7 @@ def generate_to_dir(pipe: Pipeline, out_dir: Path, progress: bool = True, compar
         "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "device": str(pipe.device), "settings": json.loads(json.dumps(dict(_plain(sc)))),
         "seconds_per_image": round(seconds / len(todo), 5) if todo else None,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # whole process, Linux KiB
+        "peak_rss_mb": peak_rss_mb(),
         "cache": policy.report(), "compile": cache_layer.compile_report(sc.compile),
     }
     if unconditional:  # say so: the sample section's class_labels was not used

@@ -116,13 +116,11 @@ def write_training_spectrograms(pipe, path: Path) -> None:
 
 def generate_audio_to_dir(pipe, out_dir: Path, progress: bool = True, duration: Optional[float] = None) -> dict:
     """Write clips 0..sample.num-1 of `duration` seconds (default: the training window) into out_dir."""
-    import resource
-
     from PIL import Image
 
     from ..atomic import atomic_path
     from ..cache import pipeline as cache_layer
-    from ..generate import _plain, fill_folder
+    from ..generate import _plain, fill_folder, peak_rss_mb
     from ..runs import save_json
 
     sc = pipe.cfg.sample
@@ -168,7 +166,7 @@ def generate_audio_to_dir(pipe, out_dir: Path, progress: bool = True, duration: 
         "vocoder": getattr(io.vocoder, "name", type(io.vocoder).__name__),
         "vocoder_seconds": round(vocoder_seconds, 3), "device": str(pipe.device),
         "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # whole process, Linux KiB
+        "peak_rss_mb": peak_rss_mb(),
         "settings": json.loads(json.dumps(_plain(sc))),
         # NFE per block, per trajectory = one window of one clip's conditional or unconditional pass
         "cache": policy.report(), "compile": cache_layer.compile_report(sc.compile),
