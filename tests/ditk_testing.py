@@ -51,3 +51,26 @@ def invoke_ditk(*args, check=False):
     if check and code != 0:
         raise AssertionError(f"ditk {' '.join(map(str, args))} failed ({code}):\n{result.stderr[-3000:]}")
     return result
+
+
+def random_audio_run(root, *overrides):
+    """A tiny tones-fluxmusic run (1 training step) whose weights are then re-drawn at random (std 0.05, seed 0):
+    a freshly initialised FluxMusic is the identity (adaLN-Zero), under which every block, guidance, features and
+    inversion errors would be trivially zero. The checkpoint manifests are re-sealed after the edit."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ditk.runs import write_manifest
+
+    invoke_ditk("train", "tones-fluxmusic", "model.hidden_size=32", "model.num_heads=1", "model.depth_double=1",
+                "data.num_clips=8", "train.global_batch_size=4", "train.log_every=1", "sample.num=1", *overrides,
+                "train.max_steps=1", "train.ckpt_every=1", f"run.dir={root}", "--no-progress", check=True)
+    run = root / "tones-fluxmusic"
+    g = torch.Generator().manual_seed(0)
+    for ckpt in sorted((run / "checkpoints").glob("step-*")):
+        for path in sorted(ckpt.glob("*.safetensors")):
+            weights = load_file(str(path))
+            save_file({k: torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() else v
+                       for k, v in weights.items()}, str(path))
+        write_manifest(ckpt, int(ckpt.name.split("-")[1]))
+    return run

@@ -15,7 +15,7 @@ from ditk.audio.long import MultiDiffusion, window_starts
 from ditk.cache import build_policy
 from ditk.objectives.flow import FlowConfig, RectifiedFlow
 from ditk.sampling import sample
-from ditk_testing import invoke_ditk
+from ditk_testing import invoke_ditk, random_audio_run
 
 
 def tiny_fluxmusic():
@@ -71,24 +71,7 @@ def test_long_clip_cache_is_per_window_and_branch(name, no_skip, skipping):
 def audio_run(tmp_path_factory):
     """A tiny tones-fluxmusic run (1 training step) whose weights are then re-drawn at random, so that every
     block matters (a freshly initialised FluxMusic is the identity: adaLN-Zero)."""
-    from safetensors.torch import load_file, save_file
-
-    from ditk.runs import write_manifest
-
-    root = tmp_path_factory.mktemp("audio-runs")
-    small = ["model.hidden_size=32", "model.num_heads=1", "model.depth_double=1", "model.depth_single=2",
-             "data.num_clips=8", "train.global_batch_size=4", "train.max_steps=1", "train.log_every=1",
-             "train.ckpt_every=1", "sample.num=1", "sample.steps=2", f"run.dir={root}"]
-    invoke_ditk("train", "tones-fluxmusic", *small, "--no-progress", check=True)
-    run = root / "tones-fluxmusic"
-    g = torch.Generator().manual_seed(0)
-    for ckpt in (run / "checkpoints").glob("step-*/*.safetensors"):
-        weights = load_file(str(ckpt))
-        save_file({k: torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() else v
-                   for k, v in weights.items()}, str(ckpt))
-    for ckpt in (run / "checkpoints").glob("step-*"):  # re-seal: the manifest guards against exactly such edits
-        write_manifest(ckpt, int(ckpt.name.split("-")[1]))
-    return run
+    return random_audio_run(tmp_path_factory.mktemp("audio-runs"), "model.depth_single=2", "sample.steps=2")
 
 
 def test_sample_cache_on_an_audio_run(audio_run, tmp_path):

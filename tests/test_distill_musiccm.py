@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from ditk_testing import TINY, invoke_ditk
+from ditk_testing import TINY, invoke_ditk, random_audio_run
 from test_distill import FAST, digest, losses
 
 SMALL = ["model.hidden_size=32", "model.num_heads=1", "model.depth_double=1", "model.depth_single=1",
@@ -18,22 +18,7 @@ SMALL = ["model.hidden_size=32", "model.num_heads=1", "model.depth_double=1", "m
 def audio_teacher(tmp_path_factory):
     """A tiny tones-fluxmusic run (1 step) whose weights are re-drawn at random: a fresh FluxMusic is the identity
     (adaLN-Zero), under which guidance, features and the consistency loss would all be trivially zero."""
-    from safetensors.torch import load_file, save_file
-
-    from ditk.runs import write_manifest
-
-    root = tmp_path_factory.mktemp("musiccm-teacher")
-    invoke_ditk("train", "tones-fluxmusic", *SMALL, "train.max_steps=1", "train.ckpt_every=1", f"run.dir={root}",
-                "--no-progress", check=True)
-    run = root / "tones-fluxmusic"
-    g = torch.Generator().manual_seed(0)
-    for ckpt in (run / "checkpoints").glob("step-*/*.safetensors"):
-        weights = load_file(str(ckpt))
-        save_file({k: torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() else v
-                   for k, v in weights.items()}, str(ckpt))
-    for ckpt in (run / "checkpoints").glob("step-*"):
-        write_manifest(ckpt, int(ckpt.name.split("-")[1]))
-    return run
+    return random_audio_run(tmp_path_factory.mktemp("musiccm-teacher"), *SMALL)
 
 
 # -- the losses -------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from ditk_testing import invoke_ditk
+from ditk_testing import invoke_ditk, random_audio_run
 
 RATE, SAMPLES = 16000, 63 * 512  # tones-fluxmusic: 64 frames of hop 512 = one 2.016 s window
 
@@ -18,24 +18,7 @@ def audio_run(tmp_path_factory):
     """A tiny tones-fluxmusic run (1 training step) whose weights are re-drawn at random (std 0.05): a freshly
     initialised FluxMusic is the identity (adaLN-Zero), and the velocity must depend on the input for inversion
     to have an error that shrinks with the steps."""
-    from safetensors.torch import load_file, save_file
-
-    from ditk.runs import write_manifest
-
-    root = tmp_path_factory.mktemp("audio-edit")
-    small = ["model.hidden_size=32", "model.num_heads=1", "model.depth_double=1", "model.depth_single=2",
-             "data.num_clips=8", "train.global_batch_size=4", "train.max_steps=1", "train.log_every=1",
-             "train.ckpt_every=1", "sample.num=1", "sample.steps=2", f"run.dir={root}"]
-    invoke_ditk("train", "tones-fluxmusic", *small, "--no-progress", check=True)
-    run = root / "tones-fluxmusic"
-    g = torch.Generator().manual_seed(0)
-    for ckpt in (run / "checkpoints").glob("step-*/*.safetensors"):
-        weights = load_file(str(ckpt))
-        save_file({k: torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() else v
-                   for k, v in weights.items()}, str(ckpt))
-    for ckpt in (run / "checkpoints").glob("step-*"):  # re-seal the manifest after the edit
-        write_manifest(ckpt, int(ckpt.name.split("-")[1]))
-    return run
+    return random_audio_run(tmp_path_factory.mktemp("audio-edit"), "model.depth_single=2", "sample.steps=2")
 
 
 @pytest.fixture(scope="module")
