@@ -73,7 +73,9 @@ def load_pipeline(source: str, preset: Optional[str] = None, overrides: Sequence
                               "drop --weights model (or sample the source run named in its lineage.json)")
         run_dir, ckpt = resolve_checkpoint(path, files=(f"{weights}.safetensors",))  # verifies what it reads
         cfg = load_run_config(run_dir, overrides)
-        state_dict = load_weights(ckpt, weights)
+        # a quantized folder's weights are read by quantize.folder.load_into below, never as a plain state dict
+        # (that would hold a second full copy of a simulated model's dequantized weights for nothing)
+        state_dict = None if (run_dir / "quantization.json").is_file() else load_weights(ckpt, weights)
         label = f"{run_dir.name}/{ckpt.name}/{weights}"
         classes = run_dir / "classes.json"
         class_names = json.loads(classes.read_text()) if classes.is_file() else None
