@@ -16,9 +16,9 @@ floating point while learning (BRECQ's weight stage); not done: the activation s
 the full-precision model's inputs (not the quantized predecessor's). A block whose learned rounding does not lower
 its output error keeps round-to-nearest.
 
-Not done (stated): re-parameterising the balancing into adaLN / the previous linear (the official code leaves it
-TODO); here X' = X / b is applied by the fake-quant layer itself, which gives the same arithmetic. CSB is applied
-to every quantized layer.
+Not done (stated): re-parameterising the balancing into adaLN / the previous linear (the official code does not
+implement it either); here X' = X / b is applied by the fake-quant layer itself, which gives the same arithmetic.
+CSB is applied to every quantized layer.
 """
 
 from __future__ import annotations
