@@ -11,10 +11,7 @@ from .registry import AUTOENCODERS, CONDITIONERS, DATASETS, MODELS, OBJECTIVES
 
 
 def build_model(cfg: DictConfig):
-    from omegaconf import OmegaConf
-
-    section = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model.keys() if k not in ("name", "guidance_embed")])
-    model = MODELS.build(cfg.model.name, section)
+    model = MODELS.build(cfg.model.name, section_obj(cfg.model))
     if cfg.model.get("guidance_embed", False):  # an LCM-style student: the CFG scale is a model input
         from .models.guidance import add_guidance_embedding
 

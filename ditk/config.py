@@ -213,8 +213,10 @@ def resolve(preset: str, overrides: Iterable[str] = (), allow_missing: Iterable[
 
 
 def section_obj(section: DictConfig):
-    """A registry-selected section without its `name`, for the entry's builder."""
-    return OmegaConf.masked_copy(section, [k for k in section.keys() if k != "name"])
+    """A registry-selected section without its `name` and the keys every entry accepts (schema.COMMON_KEYS, which
+    `build` applies itself), for the entry's builder."""
+    drop = {"name"}.union(*(keys for keys in COMMON_KEYS.values()))
+    return OmegaConf.masked_copy(section, [k for k in section.keys() if k not in drop])
 
 
 def to_yaml(cfg: DictConfig) -> str:
