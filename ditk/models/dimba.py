@@ -62,7 +62,7 @@ class DimbaConfig:
     class_dropout_prob: float = 0.1  # caption dropout (the empty caption) for classifier-free guidance
     num_classes: int = 0  # classes of a labelled data set, captioned by the text conditioner (0: none)
     drop_path: float = 0.0
-    scan_backend: str = "auto"  # auto (mamba_ssm on CUDA when installed; compiled C++ scan on CPU when a compiler is there) | torch | compiled | mamba_ssm
+    scan_backend: str = "auto"  # auto (CUDA: mamba_ssm when installed, else Triton; CPU: compiled C++ scan when a compiler is there) | torch | compiled | mamba_ssm | triton
 
 
 def dimba_size_config(size: str, **overrides) -> DimbaConfig:

@@ -57,7 +57,7 @@ class DiSConfig:
     learn_sigma: bool = True
     drop_path: float = 0.0  # stochastic depth, linear 0 -> drop_path over the blocks (official default 0.1)
     skip: bool = True  # the long skip connections between mirrored in/out blocks
-    scan_backend: str = "auto"  # auto (mamba_ssm on CUDA when installed; compiled C++ scan on CPU when a compiler is there) | torch | compiled | mamba_ssm
+    scan_backend: str = "auto"  # auto (CUDA: mamba_ssm when installed, else Triton; CPU: compiled C++ scan when a compiler is there) | torch | compiled | mamba_ssm | triton
 
 
 def dis_size_config(size: str, patch_size: int = 2, **overrides) -> DiSConfig:

@@ -17,10 +17,11 @@ On a CPU with a C++ compiler, `scan` (and the mixer) run the compiled loop of `d
 (`scan_backend="auto"` or "compiled"): the recurrence token by token with the softplus, Δ·u and D·u fused, ~4x
 faster than the chunked form; `chunked_scan` stays the PyTorch form everywhere else. On CUDA, when the
 optional `mamba_ssm` package is installed, `selective_scan` calls its fused kernel (`scan_backend="auto"`);
-neither is ever required. `Mamba` is the mixer layer: its parameter names and
-shapes are those of `mamba_ssm.modules.mamba_simple.Mamba` and of transformers' `MambaMixer`, and the
-bidirectional variant adds Vision Mamba's "v2" backward branch (`conv1d_b`, `x_proj_b`, `dt_proj_b`,
-`A_b_log`, `D_b`) as DiS and Dimba use it.
+otherwise, with Triton (it ships with CUDA builds of PyTorch), `scan` runs the Triton kernel of
+`ditk.models._scan_triton` (forward and backward; `scan_backend="auto"` or "triton"); none is ever required.
+`Mamba` is the mixer layer: its parameter names and shapes are those of `mamba_ssm.modules.mamba_simple.Mamba`
+and of transformers' `MambaMixer`, and the bidirectional variant adds Vision Mamba's "v2" backward branch
+(`conv1d_b`, `x_proj_b`, `dt_proj_b`, `A_b_log`, `D_b`) as DiS and Dimba use it.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from . import _cpu_kernels, _scan_cpu
+from . import _cpu_kernels, _scan_cpu, _scan_triton
 from .layers import HookPoint
 
-SCAN_BACKENDS = ("auto", "torch", "compiled", "mamba_ssm")
+SCAN_BACKENDS = ("auto", "torch", "compiled", "mamba_ssm", "triton")
 
 
 #################################################################################
@@ -255,7 +256,11 @@ def scan(u, dt, A, B, C, D=None, dt_bias=None, softplus=False, backend: str = "a
     Runs the compiled CPU loop (`ditk.models._scan_cpu`, everything above in one pass) where it applies:
     backend "auto" or "compiled", CPU tensors of one float dtype, and a C++ compiler to build it with (else
     "auto" falls back to PyTorch; "compiled" raises). "torch" (and "mamba_ssm", which is dispatched before
-    this point) uses PyTorch: these elementwise steps and `chunked_scan`."""
+    this point) uses PyTorch: these elementwise steps and `chunked_scan`. On CUDA, "auto" (when Triton is
+    installed) and "triton" run the Triton kernel (`ditk.models._scan_triton`, the same single pass, with its
+    backward); "triton" also runs on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, tests)."""
+    if _use_triton(backend, u):
+        return _scan_triton.triton_scan(dt, u, A, B, C, dt_bias, D, softplus, reverse_from)
     if backend in ("auto", "compiled") and _scan_cpu.supports(u, dt, A, B, C):
         if _scan_cpu.library() is not None:
             return _scan_cpu.compiled_scan(dt, u, A, B, C, dt_bias, D, softplus, reverse_from)
@@ -308,6 +313,16 @@ def kernels_available() -> bool:
     return torch.cuda.is_available() and _mamba_ssm_scan() is not None
 
 
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    """Whether `scan` runs the Triton kernel: "triton" (which insists), or "auto" on CUDA with Triton."""
+    if backend == "triton":
+        if not _scan_triton.usable(x):
+            need = f"CUDA tensors (got {x.device.type})" if _scan_triton.available() else "the triton package"
+            raise ConfigError(f"scan backend 'triton' needs {need}: use scan_backend=auto or torch")
+        return True
+    return backend == "auto" and x.is_cuda and _scan_triton.available()
+
+
 def _use_kernel(backend: str, x: torch.Tensor) -> bool:
     if backend not in SCAN_BACKENDS:
         raise ConfigError(f"unknown scan backend '{backend}': use one of {', '.join(SCAN_BACKENDS)}")
@@ -326,8 +341,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     u, delta, z: (batch, d, L); A: (d, n) (negative real); B, C: (batch, n, L); D, delta_bias: (d,).
     Returns y (batch, d, L) in u's dtype; the recurrence runs in float32 (as the CUDA kernel does; float64 inputs
     stay float64).
-    backend: "auto" (mamba_ssm's kernel on CUDA when installed, the compiled loop on CPU when a C++ compiler
-    is there, else PyTorch), "torch", "compiled" or "mamba_ssm" (see `scan`).
+    backend: "auto" (mamba_ssm's kernel on CUDA when installed, else the Triton kernel when Triton is; the
+    compiled loop on CPU when a C++ compiler is there; else PyTorch), "torch", "compiled", "mamba_ssm" or
+    "triton" (see `scan`).
     """
     if _use_kernel(backend, u):
         return _mamba_ssm_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
