@@ -251,3 +251,28 @@ def test_triton_backend_needs_cuda_outside_the_interpreter():
         mamba.scan(x[1], x[0], *x[2:5], backend="triton")
     assert not mamba._use_triton("auto", x[0])  # auto on CPU: the compiled or PyTorch scan, as before
     assert "triton" in mamba.SCAN_BACKENDS
+
+
+def test_kernels_compile_for_a_gpu_without_one():
+    """The interpreter checks the arithmetic; this checks that Triton lowers both kernels to sm_90 code (PTX
+    assembled by the ptxas that ships with Triton; no GPU or driver needed), float32 with every option on."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton version has no ahead-of-time compile API")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
+    from ditk.models import _scan_triton as st
+    if st.interpreted():
+        pytest.skip("TRITON_INTERPRET=1 in this process")
+    ints = ["L", "d", "n", "K", "reverse_from"]
+    options = dict(HAS_BIAS=True, HAS_D=True, SOFTPLUS=True, BLOCK_D=st.BLOCK_D, BLOCK_N=16)
+    for fn, extra in [(st._scan_fwd_kernel, {"SAVE": True}), (st._scan_bwd_kernel, {})]:
+        cx = {**options, **extra}
+        names = fn.arg_names
+        sig = {a: "constexpr" if a in cx else "i32" if a in ints else "*fp32" for a in names}
+        kernel = triton.compile(ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in cx.items()}),
+                                target=GPUTarget("cuda", 90, 32))
+        assert ".entry " + fn.__name__ in kernel.asm["ptx"] and len(kernel.asm["cubin"]) > 1000
