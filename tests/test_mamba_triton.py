@@ -12,6 +12,7 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -104,10 +105,11 @@ def check_float32_and_reversed_scans():
 def check_scan_and_selective_scan_dispatch_to_triton():
     """`mamba.scan` / `selective_scan` with backend="triton" (z gating, shared D and bias, both directions)
     equal the PyTorch backend, in outputs and gradients."""
+    import ditk.models._scan_triton as st
     import ditk.models.mamba as mamba
     calls = []
-    real = mamba._scan_triton.triton_scan
-    mamba._scan_triton.triton_scan = lambda *a, **k: calls.append(1) or real(*a, **k)
+    real = st.triton_scan
+    st.triton_scan = lambda *a, **k: calls.append(1) or real(*a, **k)
     x = inputs(4, 21, 6, 3, seed=30)
     dt, u, A, B, C, bias, D = (t.requires_grad_() for t in x)
     out = {}
@@ -250,6 +252,8 @@ def test_triton_backend_needs_cuda_outside_the_interpreter():
     with pytest.raises(ConfigError, match="scan backend 'triton' needs CUDA tensors"):
         mamba.scan(x[1], x[0], *x[2:5], backend="triton")
     assert not mamba._use_triton("auto", x[0])  # auto on CPU: the compiled or PyTorch scan, as before
+    assert mamba._use_triton("auto", SimpleNamespace(is_cuda=True))  # auto on CUDA (without mamba_ssm): Triton
+    assert not mamba._use_triton("torch", SimpleNamespace(is_cuda=True))
     assert "triton" in mamba.SCAN_BACKENDS
 
 

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from . import _cpu_kernels, _scan_cpu, _scan_triton
+from . import _cpu_kernels, _scan_cpu
 from .layers import HookPoint
 
 SCAN_BACKENDS = ("auto", "torch", "compiled", "mamba_ssm", "triton")
@@ -260,6 +260,7 @@ def scan(u, dt, A, B, C, D=None, dt_bias=None, softplus=False, backend: str = "a
     installed) and "triton" run the Triton kernel (`ditk.models._scan_triton`, the same single pass, with its
     backward); "triton" also runs on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, tests)."""
     if _use_triton(backend, u):
+        from . import _scan_triton
         return _scan_triton.triton_scan(dt, u, A, B, C, dt_bias, D, softplus, reverse_from)
     if backend in ("auto", "compiled") and _scan_cpu.supports(u, dt, A, B, C):
         if _scan_cpu.library() is not None:
@@ -314,13 +315,17 @@ def kernels_available() -> bool:
 
 
 def _use_triton(backend: str, x: torch.Tensor) -> bool:
-    """Whether `scan` runs the Triton kernel: "triton" (which insists), or "auto" on CUDA with Triton."""
+    """Whether `scan` runs the Triton kernel: "triton" (which insists), or "auto" on CUDA with Triton. Triton is
+    imported only then (importing it takes ~0.5 s)."""
+    if backend != "triton" and not (backend == "auto" and x.is_cuda):
+        return False
+    from . import _scan_triton
     if backend == "triton":
         if not _scan_triton.usable(x):
             need = f"CUDA tensors (got {x.device.type})" if _scan_triton.available() else "the triton package"
             raise ConfigError(f"scan backend 'triton' needs {need}: use scan_backend=auto or torch")
         return True
-    return backend == "auto" and x.is_cuda and _scan_triton.available()
+    return _scan_triton.available()
 
 
 def _use_kernel(backend: str, x: torch.Tensor) -> bool:
