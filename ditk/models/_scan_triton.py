@@ -200,9 +200,9 @@ if triton is not None:
         tl.store(g_D_ptr + g * d + cs, g_D, mask=cmask)
 
 
-def _launch_shape(d: int, n: int, block_d: int | None):
-    block_d = int(block_d or BLOCK_D)
-    return block_d, max(2, triton.next_power_of_2(n))
+def _blocks(n: int, block_d: int | None):
+    """(channels, states) per program: BLOCK_D channels (or block_d) and d_state rounded up to a power of 2."""
+    return int(block_d or BLOCK_D), max(2, triton.next_power_of_2(n))
 
 
 class TritonScan(torch.autograd.Function):
@@ -217,7 +217,7 @@ class TritonScan(torch.autograd.Function):
         groups, length, d = dt.shape
         n = A.shape[1]
         K = int(chunk or chunk_for(length))
-        bd, bn = _launch_shape(d, n, block_d)
+        bd, bn = _blocks(n, block_d)
         save = any(ctx.needs_input_grad)
         y = torch.empty_like(dt)
         states = dt.new_empty(groups, -(-length // K), n, d) if save else y  # y: an unused placeholder
