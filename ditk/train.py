@@ -83,11 +83,14 @@ def _rng_state() -> dict:
     return {"torch": torch.get_rng_state()}
 
 
-def _build_data(cfg: DictConfig, run: RunDir, autoencoder, device, accelerator):
+def _build_data(cfg: DictConfig, run: RunDir, autoencoder, device, accelerator, model):
     """The dataset the loop reads and the encoder it applies on the fly: the autoencoder itself, or with
     train.precompute_latents a cache of its posteriors (ditk.data.latent_cache) and a fresh draw per step."""
     dataset = build_dataset(cfg)
     if cfg.train.precompute_latents and cfg.autoencoder.name != "identity":
+        # a model that cannot take these latents is refused now, not after encoding the whole data set
+        check_model_data(model, tuple(dataset.shape), autoencoder.latent_channels(dataset.shape[0]),
+                         autoencoder.downsample, dataset.num_classes)
         from omegaconf import OmegaConf
 
         from .data import latent_cache
@@ -168,7 +171,7 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
 
         objective = build_method(cfg, objective)
     autoencoder = build_autoencoder(cfg).to(device)
-    dataset, encoder = _build_data(cfg, run, autoencoder, device, accelerator)
+    dataset, encoder = _build_data(cfg, run, autoencoder, device, accelerator, model)
     check_model_data(model, tuple(dataset.shape), encoder.latent_channels(dataset.shape[0]),
                      encoder.downsample, dataset.num_classes)
     class_names = list(getattr(dataset, "class_names", None) or [])
@@ -412,7 +415,8 @@ def train_in_run_dir(cfg: DictConfig, path: Path, resume: bool | None, progress:
             cfg = prepare_run_dir(cfg, path, resume, parent=parent)
             return train(cfg, path, progress=progress)
         except BaseException:
-            if created and is_main_rank() and not run.list_checkpoints() and not run.metrics.is_file():
+            if created and is_main_rank() and not run.list_checkpoints() and not run.metrics.is_file() \
+                    and not any((path / "latents").glob("*/shard-*.json")):  # encoded latent shards: kept for the rerun
                 shutil.rmtree(path, ignore_errors=True)
                 for folder in path.parents:  # and the parents it made, if still empty
                     if folder == top.parent:

@@ -222,11 +222,12 @@ def test_truncated_or_unrecorded_shards_are_encoded_again(tmp_path, capsys):
     key = "k" * 64
 
     def prepare():
-        return latent_cache.prepare(tmp_path, key, ds, ae, flips=True)
+        return latent_cache.prepare(tmp_path, key, ds, ae, flips=True, shard_items=4)
 
     manifest = prepare()
     folder = manifest.parent
     info = json.loads(manifest.read_text())
+    assert [(e["start"], e["stop"]) for e in info["shards"]] == [(0, 4), (4, 6)]
     shard = folder / info["shards"][0]["file"]
     reference = Latents(str(manifest))
     mtime = shard.stat().st_mtime_ns
@@ -260,7 +261,8 @@ def test_cache_key_follows_weights_data_and_settings():
                latent_cache.cache_key(data, ae_cfg, ds, _kl(), "float16", True),
                latent_cache.cache_key(data, ae_cfg, ds, _kl(), "float32", False)]
     assert len(set(changed + [key])) == len(changed) + 1
-    assert latent_cache.plan(10, 3) == [(0, 3), (3, 6), (6, 10)] and latent_cache.plan(1, 2) == [(0, 1)]
+    assert latent_cache.plan(10, 3) == [[(0, 3)], [(3, 6)], [(6, 10)]] and latent_cache.plan(1, 2) == [[], [(0, 1)]]
+    assert latent_cache.plan(10, 2, shard_items=2) == [[(0, 2), (2, 4), (4, 5)], [(5, 7), (7, 9), (9, 10)]]
 
 
 def test_epoch_dependent_data_are_refused(tmp_path):

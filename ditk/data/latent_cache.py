@@ -37,6 +37,7 @@ from ..errors import ConfigError
 
 MANIFEST = "manifest.json"
 ENCODE_BATCH = 32  # images per VAE forward (two forwards with flips)
+SHARD_ITEMS = 50_000  # at most this many items per shard: a killed encode loses at most one shard per process
 
 
 def log(msg: str) -> None:
@@ -87,10 +88,15 @@ def cache_key(data_cfg: dict, autoencoder_cfg: dict, dataset, autoencoder, dtype
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def plan(n: int, world: int) -> list[tuple[int, int]]:
-    """W contiguous ranges covering 0..n, sizes differing by at most one."""
+def plan(n: int, world: int, shard_items: int = SHARD_ITEMS) -> list[list[tuple[int, int]]]:
+    """Per process, its shards: W contiguous ranges covering 0..n (sizes differing by at most one), each cut
+    into shards of at most `shard_items` items."""
     bounds = [n * r // world for r in range(world + 1)]
-    return [(bounds[r], bounds[r + 1]) for r in range(world) if bounds[r + 1] > bounds[r]]
+    out = []
+    for r in range(world):
+        a, b = bounds[r], bounds[r + 1]
+        out.append([(i, min(i + shard_items, b)) for i in range(a, b, max(1, shard_items))])
+    return out
 
 
 def shard_name(start: int, stop: int) -> str:
@@ -168,7 +174,7 @@ def _wait_for_ranks(marks: Path, nonce: str, rank: int, world: int, poll: float 
 
 def prepare(root: Path, key: str, dataset, autoencoder, *, rank: int = 0, world: int = 1, device="cpu",
             dtype: str = "float32", flips: bool = False, num_workers: int = 0, nonce: str = "",
-            barrier: Callable[[], None] = lambda: None) -> Path:
+            barrier: Callable[[], None] = lambda: None, shard_items: int = SHARD_ITEMS) -> Path:
     """Make (or check and reuse) the cache for `key` under `root`; every process calls it. Returns the
     manifest's path. `nonce`: one string shared by the processes of this launch (rank 0's, broadcast);
     `barrier`: the process group's barrier (used only where no process has long work left)."""
@@ -181,9 +187,10 @@ def prepare(root: Path, key: str, dataset, autoencoder, *, rank: int = 0, world:
     if listed is not None:  # reuse: the processes check the listed shards between them
         entries = listed["shards"]
         mine = [e for i, e in enumerate(entries) if i % world == rank]
-    else:  # a fresh encode: each process its own range (a finished one of an interrupted encode is kept)
-        entries = [{"file": shard_name(a, b), "start": a, "stop": b} for a, b in plan(len(dataset), world)]
-        mine = entries[rank:rank + 1]
+    else:  # a fresh encode: each process its own range (shards finished by an interrupted encode are kept)
+        ranges = plan(len(dataset), world, shard_items)
+        entries = [{"file": shard_name(a, b), "start": a, "stop": b} for share in ranges for a, b in share]
+        mine = [{"file": shard_name(a, b), "start": a, "stop": b} for a, b in ranges[rank]]
     for entry in mine:
         expected = entry if "checksum" in entry else _sidecar(folder, entry["start"], entry["stop"], key)
         problem = shard_problem(folder, expected) if expected is not None else "missing"
