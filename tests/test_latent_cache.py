@@ -302,3 +302,33 @@ def test_epoch_dependent_data_are_refused(tmp_path):
     finally:
         train_module.build_dataset = original
     assert not (tmp_path / "r").exists()
+
+
+def test_a_start_stopped_after_the_encode_keeps_its_cache(tmp_path, monkeypatch):
+    """A first start that fails after encoding (here: the conditioner) keeps the run directory with its shards
+    (an ImageNet encode is hours), and the corrected rerun reuses them instead of encoding again."""
+    import ditk.train as train_module
+    from ditk.config import resolve
+    from ditk.errors import ConfigError
+
+    _vae(channels=1).save_pretrained(tmp_path / "vae")
+    cfg = resolve("digits-dit", [*TINY, "train.max_steps=1", "autoencoder.name=autoencoder-kl", "train.num_workers=0",
+                                 f"autoencoder.path={tmp_path / 'vae'}", "train.precompute_latents=true",
+                                 "model.in_channels=4", "model.input_size=4", f"run.dir={tmp_path}", "run.name=r"])
+
+    def refuse(*a, **k):
+        raise ConfigError("no conditioner today")
+
+    monkeypatch.setattr(train_module, "build_conditioner", refuse)
+    with pytest.raises(ConfigError, match="no conditioner today"):
+        train_module.train_in_run_dir(cfg, tmp_path / "r", None, progress=False)
+    assert list((tmp_path / "r" / "latents").glob("*/manifest.json"))
+    monkeypatch.undo()
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    proc = invoke_ditk("train", "digits-dit", *TINY, "train.max_steps=1", "autoencoder.name=autoencoder-kl",
+                       "train.num_workers=0", f"autoencoder.path={tmp_path / 'vae'}", "train.precompute_latents=true",
+                       "model.in_channels=4", "model.input_size=4", f"run.dir={tmp_path}", "run.name=r", "--no-progress",
+                       check=True)
+    assert "encoding" not in proc.stderr and (tmp_path / "r" / "checkpoints").is_dir()
