@@ -114,6 +114,10 @@ def _build_data(cfg: DictConfig, run: RunDir, autoencoder, device, accelerator, 
                                                     flip_seed=int(getattr(dataset, "flip_seed", 0)))
         dataset = DATASETS.build("latents", latent_cfg)
         return dataset, PosteriorDraw(autoencoder, accelerator.process_index, accelerator.num_processes)
+    if hasattr(autoencoder, "posterior"):  # a VAE, encoding every batch: the same draws as from the cache
+        from .data.latents import EncodeAndDraw
+
+        return dataset, EncodeAndDraw(autoencoder, accelerator.process_index, accelerator.num_processes)
     return dataset, autoencoder
 
 
@@ -435,7 +439,9 @@ RESUMABLE_KEYS = {"run.dir", "run.name", "train.max_steps", "train.log_every", "
                   # speed levers: the same step, other kernels (ditk.speed)
                   "train.compile", "train.activation_checkpointing", "optim.impl", "runtime",
                   "train.fsdp_reshard_after_forward",  # FSDP: when weights are gathered again, not what is computed
-                  "train.latents_dir"}  # where the latent cache lives (it is keyed by what it holds)
+                  # the latent cache: where it lives (it is keyed by what it holds), and whether the step draws
+                  # from it or encodes the pixels (the same draw, to the encoder's float rounding; ditk.data.latents)
+                  "train.latents_dir", "train.precompute_latents"}
 
 
 def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None, parent: str | None = None) -> DictConfig:

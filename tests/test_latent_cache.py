@@ -143,6 +143,13 @@ def test_cached_step_is_the_step_that_encodes_the_pixels(vae_setup):
     b = load_file(runs / "fly" / "checkpoints" / "step-000003" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    # The same step either way: a run resumes with the other setting (a speed lever) and stays on the same path.
+    invoke_ditk("train", "digits-dit", *args, "train.max_steps=4", "train.precompute_latents=true",
+                f"run.dir={runs}", "run.name=fly", check=True)
+    invoke_ditk("train", "digits-dit", *args, "train.max_steps=4", "train.precompute_latents=true",
+                f"run.dir={runs}", "run.name=cached", check=True)
+    assert len(_losses(runs / "fly")) == 4
+    assert _losses(runs / "fly") == pytest.approx(_losses(runs / "cached"), rel=1e-5)
 
 
 def _cache(run: Path) -> Path:
@@ -153,7 +160,7 @@ def _cache(run: Path) -> Path:
 @pytest.mark.slow
 def test_two_processes_shard_the_encode_and_train_on_the_same_latents(vae_setup):
     """torchrun, 2 CPU processes (gloo): each writes its shard, rank 0 the complete manifest, and the run equals
-    a 1-process run (same moments, same losses). Then a damaged shard is found and encoded again on resume, and
+    a 1-process run (same moments, same losses), as does a 2-process run encoding every batch. Then a damaged shard is found and encoded again on resume, and
     another VAE (new weights) gets a cache of its own."""
     root, args = vae_setup
     runs = root / "dist"
@@ -164,9 +171,9 @@ def test_two_processes_shard_the_encode_and_train_on_the_same_latents(vae_setup)
     tests = Path(__file__).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])}
-    spec = "two:3:" + ",".join(o for o in overrides if not o.startswith(tuple(k.split("=")[0] for k in TINY)))
+    spec = ",".join(o for o in overrides if not o.startswith(tuple(k.split("=")[0] for k in TINY)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(tests / "distributed_runs.py"), str(runs), spec]
+           str(tests / "distributed_runs.py"), str(runs), f"two:3:{spec}", f"fly:3:{spec},train.precompute_latents=false"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
@@ -193,6 +200,8 @@ def test_two_processes_shard_the_encode_and_train_on_the_same_latents(vae_setup)
             torch.testing.assert_close(a.load(i, flip)[0], b.load(i, flip)[0], rtol=1e-5, atol=1e-6)
         assert a.load(i)[1] == b.load(i)[1]
     assert _losses(runs / "two") == pytest.approx(_losses(runs / "one"), rel=1e-4)
+    assert _losses(runs / "fly") == pytest.approx(_losses(runs / "one"), rel=1e-4)  # each process its own eps
+    assert not (runs / "fly" / "latents").exists()
 
     # A damaged shard (one byte changed) is found when the run resumes, named in one line, and encoded again.
     shard = two_cache / manifest["shards"][1]["file"]

@@ -300,6 +300,29 @@ class PosteriorDraw:
         return ae.from_posterior(mean, std, eps)
 
 
+class EncodeAndDraw:
+    """The loop's encoder without a cache: encode the pixels of every batch, then draw as PosteriorDraw does
+    (the global batch's eps, this process's rows). With one process this is `autoencoder.encode` bit for bit;
+    with several it keeps their draws independent and equal to one process's (each process drawing its own
+    local batch from the shared step generator would give every process the same eps)."""
+
+    def __init__(self, autoencoder, rank: int = 0, world: int = 1):
+        self.autoencoder = autoencoder
+        self.draw = PosteriorDraw(autoencoder, rank, world)
+        self.name, self.downsample = autoencoder.name, autoencoder.downsample
+
+    def latent_channels(self, in_channels: int) -> int:
+        return self.autoencoder.latent_channels(in_channels)
+
+    def to(self, device) -> "EncodeAndDraw":
+        self.autoencoder.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self.draw.encode(torch.cat(self.autoencoder.posterior(x), dim=1), generator)
+
+
 @dataclass
 class LatentsConfig:
     path: str = ""  # an encode_dataset .safetensors, or a latent cache's manifest.json (train.precompute_latents)
