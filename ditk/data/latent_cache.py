@@ -181,7 +181,8 @@ def prepare(root: Path, key: str, dataset, autoencoder, *, rank: int = 0, world:
     folder = Path(root) / key[:16]
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        clean_temp(folder)  # leftovers of a killed write (no process writes here yet)
+        # leftovers of a killed write; not a recent one, which may be another run's encode into a shared folder
+        clean_temp(folder, older_than=600)
     barrier()
     listed = read_manifest(folder, key)
     if listed is not None:  # reuse: the processes check the listed shards between them
