@@ -45,7 +45,7 @@ def log(msg: str) -> None:
 
 
 def _weights_digest(module) -> str:
-    """xxh3-128 over every tensor of `module`'s state dict (name, dtype, shape, bytes): ~1 s for SD's VAE."""
+    """xxh3-128 over every tensor of `module`'s state dict (name, dtype, shape, bytes): 0.3 s for SD's VAE here."""
     import torch
     import xxhash
 
