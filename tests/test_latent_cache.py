@@ -92,6 +92,10 @@ def test_per_step_draws_follow_the_posterior(tmp_path):
     torch.testing.assert_close(z.std(0) / sigma, torch.ones_like(sigma), rtol=0, atol=0.1)
     assert draw.encode(moments, torch.Generator().manual_seed(9)).equal(
         ae.encode(x, generator=torch.Generator().manual_seed(9)))
+    # bfloat16 storage (train.latents_dtype): half the file, the moments to bfloat16's 8 bits
+    half = encode_moments(ds, ae, tmp_path / "h.safetensors", dtype="bfloat16", batch_size=4)
+    assert half.stat().st_size < 0.6 * shard.stat().st_size
+    assert Latents(str(half)).load(2)[0].equal(moments[2].bfloat16().float())
     # sample_posterior=false: the mean, no draw
     assert PosteriorDraw(ae, sample_posterior=False).encode(moments).equal(0.5 * (dist.mean - 0.1))
 
