@@ -20,7 +20,8 @@ process's max RSS) and each variant's time relative to the first. The data are r
 DataLoader (`--workers`): the same for every variant; the VAE is not part of the step, unless `--vae`.
 
 `--vae`: end to end with a VAE, ditk's default against the official code's way. Each variant then runs twice:
-on precomputed latents (`train.precompute_latents=true`: the step reads 32x32x4 latents) and, as `NAME+vae`, on
+on precomputed latents (`train.precompute_latents=true`: the step reads the stored posterior moments, mean and
+std of 32x32x4 latents, and draws a fresh latent from them, as ditk.data.latents.PosteriorDraw) and, as `NAME+vae`, on
 pixels encoded by the VAE at every step (facebookresearch/DiT train.py: `vae.encode(x).latent_dist.sample()
 * 0.18215` under no_grad, fp32, before the model). The VAE is an AutoencoderKL of Stable Diffusion's real
 architecture (the sd-vae-ft-ema config, 83.7M parameters) with random weights: no download, and the
@@ -76,9 +77,10 @@ def sd_vae(device):
     return KLAutoencoder(vae.to(device), "sd-vae-ft-ema config, random weights", scale_factor=0.18215)
 
 
-def ditk_variant(preset, overrides, args, device, vae=None):
+def ditk_variant(preset, overrides, args, device, vae=None, cached=None):
     """ditk's step for one lever set; returns (step function, parameter count, config). vae: encode pixels at
-    every step (the official way) instead of reading precomputed latents."""
+    every step (the official way) instead of reading precomputed latents; cached: read that VAE's posterior
+    moments (2C channels) and draw the latents from them, as train.precompute_latents does."""
     cfg = resolve(preset, overrides, allow_missing=("data", "autoencoder"))
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -90,6 +92,11 @@ def ditk_variant(preset, overrides, args, device, vae=None):
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, device)
     shape = latent_shape(model)
     pixels = (3, shape[1] * vae.downsample, shape[2] * vae.downsample) if vae is not None else shape
+    if cached is not None:
+        from ditk.data.latents import PosteriorDraw
+
+        draw = PosteriorDraw(cached)
+        pixels = (2 * shape[0], *shape[1:])  # cat(mean, std), as the latent cache stores them
     batches = _loader(pixels, getattr(model, "num_classes", 0) or 0, args.batch, args.workers, 0)
     gen = torch.Generator().manual_seed(0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -107,6 +114,8 @@ def ditk_variant(preset, overrides, args, device, vae=None):
         x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if vae is not None:
             x0 = vae.encode(x0, generator=gen)  # no_grad, fp32: as the official train.py
+        elif cached is not None:
+            x0 = draw.encode(x0, generator=gen)  # a fresh posterior draw per step
         t = objective.sample_time(args.batch, gen).to(device)
         noise = torch.randn((args.batch, *shape), generator=gen).to(device)
         with autocast:
@@ -280,7 +289,7 @@ def run(args):
     for spec in args.variant or ["ditk:"]:
         name, _, keys = spec.partition(":")
         overrides = [*args.overrides, *filter(None, keys.split(","))]
-        step, params, cfg_v = ditk_variant(args.preset, overrides, args, device)
+        step, params, cfg_v = ditk_variant(args.preset, overrides, args, device, cached=vae)
         cfg = cfg or cfg_v
         variants.append((name, step, params))
         if vae is not None:

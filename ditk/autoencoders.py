@@ -3,6 +3,12 @@
 Every autoencoder maps images in [-1, 1] to the tensors the diffusion model sees and back:
     encode(x, generator=None) -> z      decode(z) -> x      latent_channels(c)      downsample      .to(device)
 plus `name`, `path` and `scale_factor`, which ditk records next to pre-encoded latents and checkpoints.
+A VAE also splits `encode` into its two halves, so that the posterior can be computed once and sampled at
+every step (ditk.data.latents' moments cache):
+    posterior(x) -> (mean, std)         the Gaussian posterior's moments, unscaled, in ditk's layout
+    posterior_noise(shape, generator)   the standard normal draw `encode` adds, in ditk's layout
+    from_posterior(mean, std, eps)      -> (mean + std * eps - shift) * scale  (eps None: the mean)
+so that encode(x, g) == from_posterior(*posterior(x), posterior_noise(shape, g)), bit for bit.
 
 DiT trains on `vae.encode(x).latent_dist.sample() * 0.18215` from stabilityai/sd-vae-ft-{ema,mse} and
 samples through `vae.decode(z / 0.18215)`; `autoencoder-kl` does exactly that, for any diffusers
@@ -108,6 +114,23 @@ class KLAutoencoder:
         posterior = self.vae.encode(x.to(self.device, self.dtype)).latent_dist
         z = posterior.sample(generator=generator) if self.sample_posterior else posterior.mode()
         return ((z.float() - self.shift_factor) * self.scale_factor)
+
+    @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> the posterior's (mean, std), unscaled, in the VAE's dtype: DiagonalGaussianDistribution's
+        own tensors (std = exp(0.5 * clamp(logvar, -30, 20)))."""
+        d = self.vae.encode(x.to(self.device, self.dtype)).latent_dist
+        return d.mean, d.std
+
+    def posterior_noise(self, shape, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The draw DiagonalGaussianDistribution.sample makes (diffusers' randn_tensor: on the CPU for a CPU
+        generator, in the VAE's dtype), on the CPU."""
+        return torch.randn(tuple(shape), generator=generator, dtype=self.dtype)
+
+    def from_posterior(self, mean: torch.Tensor, std: torch.Tensor, eps: Optional[torch.Tensor]) -> torch.Tensor:
+        """(mean + std * eps - shift) * scale as float32; eps None: the posterior mean (sample_posterior=false)."""
+        z = mean if eps is None else mean + std * eps.to(mean.device, mean.dtype)
+        return (z.float() - self.shift_factor) * self.scale_factor
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

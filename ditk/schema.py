@@ -39,7 +39,12 @@ class TrainConfig:
     sample_every: int = 0  # write a sample grid every N steps (0: only at the end)
     keep_last: int = 0  # keep the N newest checkpoints (0: keep all)
     num_workers: int = 4
-    precompute_latents: bool = False  # encode the dataset once with the autoencoder (fast-DiT)
+    # Encode the data set's VAE posteriors once (sharded over the processes) and draw a fresh latent from them at
+    # every step: the step that encodes the pixels, without the encoder (ditk.data.latent_cache). The VAE presets
+    # set it true; it does nothing in pixel space (autoencoder.name=identity).
+    precompute_latents: bool = False
+    latents_dir: str = ""  # where that cache lives ("": <run>/latents); one folder may serve several runs
+    latents_dtype: str = "float32"  # stored moments: float32 (the VAE's float32 exactly) | float16 | bfloat16 (half the disk)
     allow_tf32: bool = True
     init_from: str = ""  # start a fresh run from these weights: a ditk run/checkpoint (EMA), .pt, .safetensors, diffusers folder
     compile: str = "none"  # torch.compile the model for training: none | full (= true) | regional (each block; starts faster)

@@ -83,21 +83,41 @@ def _rng_state() -> dict:
     return {"torch": torch.get_rng_state()}
 
 
-def _build_data(cfg: DictConfig, run: RunDir, autoencoder, device, accelerator):
-    """The dataset the loop reads and the encoder it applies on the fly (identity when pre-encoded)."""
+def _build_data(cfg: DictConfig, run: RunDir, autoencoder, device, accelerator, model):
+    """The dataset the loop reads and the encoder it applies on the fly: the autoencoder itself, or with
+    train.precompute_latents a cache of its posteriors (ditk.data.latent_cache) and a fresh draw per step."""
     dataset = build_dataset(cfg)
     if cfg.train.precompute_latents and cfg.autoencoder.name != "identity":
-        from .data.latents import encode_dataset
-        from .registry import AUTOENCODERS, DATASETS
+        # a model that cannot take these latents is refused now, not after encoding the whole data set
+        check_model_data(model, tuple(dataset.shape), autoencoder.latent_channels(dataset.shape[0]),
+                         autoencoder.downsample, dataset.num_classes)
+        from omegaconf import OmegaConf
 
-        path = run.path / "latents.safetensors"
-        if accelerator.is_main_process and not path.is_file():
-            log(f"pre-encoding {len(dataset)} items with {cfg.autoencoder.name} -> {path}")
-            encode_dataset(dataset, autoencoder, path, batch_size=64, device=device)
-        accelerator.wait_for_everyone()
-        latent_cfg = DATASETS.get("latents").config(path=str(path))
+        from .data import latent_cache
+        from .data.latents import ST_DTYPES, PosteriorDraw
+        from .registry import DATASETS
+
+        if cfg.train.latents_dtype not in ST_DTYPES:
+            raise ConfigError(f"train.latents_dtype={cfg.train.latents_dtype} is not one of {', '.join(ST_DTYPES)}")
+        if hasattr(dataset, "set_epoch") and not hasattr(dataset, "load"):
+            raise ConfigError(f"data set {cfg.data.name} changes its items from epoch to epoch (crops, captions), "
+                              "which a one-time encode would freeze: set train.precompute_latents=false")
+        flips = bool(getattr(dataset, "hflip", False))
+        key = latent_cache.cache_key(OmegaConf.to_container(cfg.data, resolve=True),
+                                     OmegaConf.to_container(cfg.autoencoder, resolve=True), dataset, autoencoder,
+                                     cfg.train.latents_dtype, flips)
+        manifest = latent_cache.prepare(
+            latent_cache.cache_folder(cfg, run.path), key, dataset, autoencoder, rank=accelerator.process_index,
+            world=accelerator.num_processes, device=device, dtype=cfg.train.latents_dtype, flips=flips,
+            num_workers=cfg.train.num_workers, nonce=latent_cache.launch_nonce(), barrier=accelerator.wait_for_everyone)
+        latent_cfg = DATASETS.get("latents").config(path=str(manifest), hflip=flips,
+                                                    flip_seed=int(getattr(dataset, "flip_seed", 0)))
         dataset = DATASETS.build("latents", latent_cfg)
-        return dataset, AUTOENCODERS.build("identity", AUTOENCODERS.get("identity").config())
+        return dataset, PosteriorDraw(autoencoder, accelerator.process_index, accelerator.num_processes)
+    if hasattr(autoencoder, "posterior"):  # a VAE, encoding every batch: the same draws as from the cache
+        from .data.latents import EncodeAndDraw
+
+        return dataset, EncodeAndDraw(autoencoder, accelerator.process_index, accelerator.num_processes)
     return dataset, autoencoder
 
 
@@ -155,7 +175,7 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
 
         objective = build_method(cfg, objective)
     autoencoder = build_autoencoder(cfg).to(device)
-    dataset, encoder = _build_data(cfg, run, autoencoder, device, accelerator)
+    dataset, encoder = _build_data(cfg, run, autoencoder, device, accelerator, model)
     check_model_data(model, tuple(dataset.shape), encoder.latent_channels(dataset.shape[0]),
                      encoder.downsample, dataset.num_classes)
     class_names = list(getattr(dataset, "class_names", None) or [])
@@ -399,7 +419,8 @@ def train_in_run_dir(cfg: DictConfig, path: Path, resume: bool | None, progress:
             cfg = prepare_run_dir(cfg, path, resume, parent=parent)
             return train(cfg, path, progress=progress)
         except BaseException:
-            if created and is_main_rank() and not run.list_checkpoints() and not run.metrics.is_file():
+            if created and is_main_rank() and not run.list_checkpoints() and not run.metrics.is_file() \
+                    and not any((path / "latents").glob("*/shard-*.json")):  # encoded latent shards: kept for the rerun
                 shutil.rmtree(path, ignore_errors=True)
                 for folder in path.parents:  # and the parents it made, if still empty
                     if folder == top.parent:
@@ -417,7 +438,10 @@ RESUMABLE_KEYS = {"run.dir", "run.name", "train.max_steps", "train.log_every", "
                   "train.keep_last", "train.num_workers", "train.skip_nonfinite", "sample",
                   # speed levers: the same step, other kernels (ditk.speed)
                   "train.compile", "train.activation_checkpointing", "optim.impl", "runtime",
-                  "train.fsdp_reshard_after_forward"}  # FSDP: when weights are gathered again, not what is computed
+                  "train.fsdp_reshard_after_forward",  # FSDP: when weights are gathered again, not what is computed
+                  # the latent cache: where it lives (it is keyed by what it holds), and whether the step draws
+                  # from it or encodes the pixels (the same draw, to the encoder's float rounding; ditk.data.latents)
+                  "train.latents_dir", "train.precompute_latents"}
 
 
 def prepare_run_dir(cfg: DictConfig, run_path: Path, resume: bool | None, parent: str | None = None) -> DictConfig:

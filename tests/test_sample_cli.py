@@ -87,7 +87,7 @@ def test_latent_space_with_a_local_autoencoder_kl(tmp_path):
             f"autoencoder.path={tmp_path / 'vae'}", "model.in_channels=4", "model.input_size=8",
             "train.precompute_latents=true", f"run.dir={tmp_path}", "run.name=latent", "--no-progress"]
     invoke_ditk("train", "digits-dit", *args, check=True)
-    assert (tmp_path / "latent" / "latents.safetensors").is_file()
+    assert list((tmp_path / "latent" / "latents").glob("*/manifest.json"))  # the latent cache (ditk.data.latent_cache)
     arr = _sample(tmp_path / "latent", tmp_path / "s", "--num", "2")
     assert arr.shape == (2, 16, 16, 1)
 

@@ -75,6 +75,23 @@ class MelVAE:
         return (z.float() * self.scale_factor).transpose(-1, -2)
 
     @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised log-mel -> the posterior's (mean, std), unscaled, in ditk's (N, C, n_mels / f, frames / f)."""
+        mel = denormalize(x.float()).transpose(-1, -2)
+        d = self.vae.encode(mel.to(self.device, self.dtype)).latent_dist
+        return d.mean.transpose(-1, -2), d.std.transpose(-1, -2)
+
+    def posterior_noise(self, shape, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """encode's draw: made in the VAE's (time, mel) layout, returned in ditk's (the same numbers as encode)."""
+        *lead, h, w = tuple(shape)
+        return torch.randn((*lead, w, h), generator=generator, dtype=self.dtype).transpose(-1, -2)
+
+    def from_posterior(self, mean: torch.Tensor, std: torch.Tensor, eps: Optional[torch.Tensor]) -> torch.Tensor:
+        """(mean + std * eps) * scale as float32 (eps None: the mean), in ditk's layout."""
+        z = mean if eps is None else mean + std * eps.to(mean.device, mean.dtype)
+        return z.float() * self.scale_factor
+
+    @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> normalised log-mel (N, 1, n_mels, frames), float32."""
         lat = (z.float() / self.scale_factor).transpose(-1, -2)
