@@ -295,7 +295,7 @@ def dit_twin(cfg, blocks: int, input_size: int) -> dict:
     """A DiT with the model's width, number of blocks and patch size, and its number of attention heads where
     it has attention (Dimba, DiT-MoE; else DiT's 64-channel heads): the same attention layout, so that the
     comparison is of what the model adds or replaces (Dimba's tiny model: 4 heads of 16 channels; one
-    64-channel head runs ~10 % faster on the CPU attention kernel at 256 tokens)."""
+    64-channel head makes its twin ~15 % faster at 256 tokens, benchmarks/bench_scans.py)."""
     d = int(cfg.model.hidden_size)
     own = int(cfg.model.get("num_heads", 0) or 0)
     heads = own if own > 0 and d % own == 0 else next(h for h in (d // 64, 6, 8, 4, 2, 1) if h > 0 and d % h == 0)
