@@ -34,6 +34,10 @@ machine and, unlike wall time, is not inflated when other jobs share the cores (
 Rows of at most --train-tokens tokens also time a training step ("train ms": forward in train mode, the
 mean-square of the output as loss, backward into every parameter; median of --repeats after one warm-up)
 and its peak memory ("train MB", measured the same way, gradients included).
+A second table compares, for the models with scans, the scans' analytic GFLOP/s (their FLOPs above over the
+CPU time spent inside the scan modules, `SelectiveScan` / `BiWKV`) with the GFLOP/s of the nn.Linear layers
+(2 x rows x in x out over the time inside them) of the model and of its DiT twin, from hooks around each
+call during --repeats extra forwards.
 Not part of the test suite.
 """
 
@@ -165,6 +169,42 @@ def analytic_scan_flops(model, run) -> tuple[int, int, int]:
     return flops[0], counter.get_total_flops(), inside_scans
 
 
+def inside_modules(model, run, repeats: int) -> dict:
+    """Median CPU seconds per forward spent inside (a) the scan modules (Mamba's `SelectiveScan`, RWKV's
+    `BiWKV`) and (b) the nn.Linear layers, with the Linear layers' FLOPs (2 x rows x in x out): the GFLOP/s
+    of the scans next to the GFLOP/s of the matmuls on the same core (hooks around each call)."""
+    import torch
+
+    spent = {"scan": 0.0, "linear": 0.0}
+    linear_flops = [0]
+    hooks = []
+    for module in model.modules():
+        kind = "scan" if type(module).__name__ in ("SelectiveScan", "BiWKV") else (
+            "linear" if isinstance(module, torch.nn.Linear) else None)
+        if kind is None:
+            continue
+
+        def pre(mod, args):
+            mod._bench_start = time.process_time()
+
+        def post(mod, args, out, kind=kind):
+            spent[kind] += time.process_time() - mod._bench_start
+            if kind == "linear":
+                linear_flops[0] += 2 * out.numel() * mod.in_features
+        hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    runs = []
+    with torch.no_grad():
+        for _ in range(max(1, repeats)):
+            spent.update(scan=0.0, linear=0.0)
+            linear_flops[0] = 0
+            run()
+            runs.append((spent["scan"], spent["linear"], linear_flops[0]))
+    for h in hooks:
+        h.remove()
+    scan_s, linear_s, flops = (statistics.median(c) for c in zip(*runs))
+    return {"scan_ms": 1e3 * scan_s, "linear_ms": 1e3 * linear_s, "gflops_linear": flops / 1e9}
+
+
 def child(spec: dict, batch: int, repeats: int, threads: int, train: bool) -> dict:
     import torch
 
@@ -200,7 +240,8 @@ def child(spec: dict, batch: int, repeats: int, threads: int, train: bool) -> di
     scan, counted, inside_wkv = analytic_scan_flops(model, run)
     tokens = (size // model.patch_size) ** 2
     row = {"params": params, "tokens": tokens, "blocks": len(model.blocks), "gflops_counted": (counted - inside_wkv) / 1e9,
-           "gflops_scan": scan / 1e9, "fwd_ms": 1e3 * cpu, "wall_ms": 1e3 * wall, "peak_mb": peak / 2**20}
+           "gflops_scan": scan / 1e9, "fwd_ms": 1e3 * cpu, "wall_ms": 1e3 * wall, "peak_mb": peak / 2**20,
+           **inside_modules(model, run, repeats)}
     if train:
         model.train()
 
@@ -251,8 +292,13 @@ def discover() -> dict:
 
 
 def dit_twin(cfg, blocks: int, input_size: int) -> dict:
+    """A DiT with the model's width, number of blocks and patch size, and its number of attention heads where
+    it has attention (Dimba, DiT-MoE; else DiT's 64-channel heads): the same attention layout, so that the
+    comparison is of what the model adds or replaces (Dimba's tiny model: 4 heads of 16 channels; one
+    64-channel head makes its twin ~15 % faster at 256 tokens, benchmarks/bench_scans.py)."""
     d = int(cfg.model.hidden_size)
-    heads = next(h for h in (d // 64, 6, 8, 4, 2, 1) if h > 0 and d % h == 0)
+    own = int(cfg.model.get("num_heads", 0) or 0)
+    heads = own if own > 0 and d % own == 0 else next(h for h in (d // 64, 6, 8, 4, 2, 1) if h > 0 and d % h == 0)
     return {"dit": dict(input_size=input_size, patch_size=int(cfg.model.patch_size),
                         in_channels=int(cfg.model.in_channels), hidden_size=d, depth=blocks, num_heads=heads,
                         num_classes=int(cfg.model.get("num_classes", 1000) or 1000),
@@ -357,6 +403,19 @@ def main():
                        "fwd_ratio": ratios[0], "train_ratio": ratios[1]}
                 rows.append(row)
                 print(_table_row(family, preset, input_size, ours, twin, ratios), flush=True)
+    scan_rows = [r for r in rows if r["gflops_scan"] > 0 and r.get("scan_ms") and r.get("dit")]
+    if scan_rows:  # the scans' analytic GFLOP/s next to the matmuls' (nn.Linear) on the same core, same run
+        print("\n| model | tokens | scan GFLOP/s (analytic / time inside the scan modules) | its own Linear GFLOP/s "
+              "| DiT twin: Linear GFLOP/s | whole forward GFLOP/s | scan / twin's Linear |")
+        print("|---|---|---|---|---|---|---|")
+        for r in scan_rows:
+            t = r["dit"]
+            scan_rate = r["gflops_scan"] / (r["scan_ms"] / 1e3)
+            own = r["gflops_linear"] / (r["linear_ms"] / 1e3)
+            twin_linear = t["gflops_linear"] / (t["linear_ms"] / 1e3)
+            twin_all = t["gflops_counted"] / (t["fwd_ms"] / 1e3)
+            print(f"| {r['preset']} @{r['input_size']}px | {r['tokens']} | {scan_rate:.1f} ({r['scan_ms']:.1f} ms) | "
+                  f"{own:.1f} | {twin_linear:.1f} | {twin_all:.1f} | {scan_rate / twin_linear:.2f}x |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             for row in rows:

@@ -11,7 +11,8 @@ forward + backward). Bi-WKV: DRWKV-S/2's (C = 384) at 1,024 and 4,096 tokens, 13
 count), forward only (the compiled kernel is an inference kernel). The two forms are timed alternately,
 --rounds times (half as many for forward + backward), after a warm-up each; printed: median process CPU
 times and the median of the per-round ratios. Dimba: the tiny preset at 32 px (256 tokens) with its Mamba
-blocks, with them replaced by the identity, and its DiT twin (medians of 3 x 30 forwards). Not part of the
+blocks, with them replaced by the identity, and its DiT twin (4 heads as the model, and 1 head of 64 channels
+as `bench_backbones.py` paired it before 2026-12-03; medians of 3 x 30 forwards). Not part of the
 test suite.
 """
 
@@ -121,7 +122,9 @@ def dimba_floor() -> None:
 
     model = build({"preset": "digits-dimba", "overrides": ["model.input_size=32"]})
     cfg = resolve("digits-dimba", ["model.input_size=32"], allow_missing=("data", "autoencoder"))
-    twin = build(dit_twin(cfg, len(model.blocks), 32))
+    twin = build(dit_twin(cfg, len(model.blocks), 32))  # 4 heads, as the model
+    spec = dit_twin(cfg, len(model.blocks), 32)
+    one_head = build({"dit": {**spec["dit"], "num_heads": 1}})  # the twin of the runs before 2026-12-03
     x, t, cond = torch.randn(1, 1, 32, 32), torch.full((1,), 500.0), conditioning(model, 1, 16)
     y = torch.zeros(1, dtype=torch.long)
 
@@ -139,10 +142,11 @@ def dimba_floor() -> None:
             without = cpu_ms(lambda: model(x, t, **cond), 30)
             for block, mamba in zip(model.blocks, mambas):
                 block.mamba = mamba
-            rows.append((full, without, cpu_ms(lambda: twin(x, t, y=y), 30)))
-    full, without, dit = (statistics.median(c) for c in zip(*rows))
+            rows.append((full, without, cpu_ms(lambda: twin(x, t, y=y), 30), cpu_ms(lambda: one_head(x, t, y=y), 30)))
+    full, without, dit, dit1 = (statistics.median(c) for c in zip(*rows))
     print(f"digits-dimba @32px (256 tokens): {full:.2f} ms; without its Mamba blocks {without:.2f} ms; DiT twin "
-          f"{dit:.2f} ms ({full / dit:.2f}x / {without / dit:.2f}x)")
+          f"(4 heads) {dit:.2f} ms ({full / dit:.2f}x / {without / dit:.2f}x); with 1 head of 64 {dit1:.2f} ms "
+          f"({full / dit1:.2f}x / {without / dit1:.2f}x)")
 
 
 def main() -> None:

@@ -64,6 +64,48 @@ def test_compiled_scan_gradients(monkeypatch):
 
 
 @needs_compiler
+@pytest.mark.parametrize("n", [16, 4, 17])
+def test_vectorised_float32_scan_equals_the_float64_loop(n, monkeypatch):
+    """float32 with d_state <= 16 takes the AVX-512 kernel where the CPU has it (registers per 16 channels,
+    chunks of 32 tokens, a polynomial 2^x): d = 37 is two full 16-channel blocks and a masked one, 75 tokens
+    are two full chunks and a partial one, the second sequence is scanned from its end; d_state 17 takes the
+    generic loop. Forward to float32 accuracy, and the gradients of the backward, which restarts from the
+    states this forward saved (every 16 tokens here)."""
+    if n <= 16 and not _scan_cpu.vectorised_forward():
+        pytest.skip("the CPU or compiler has no AVX-512: the generic loop is tested above")
+    monkeypatch.setattr(_scan_cpu, "CHUNK", 16)
+    inp = scan_inputs(groups=2, length=75, d=37, n=n, seed=n)
+    ref = loop_scan(*[torch.cat([x[:1], x[1:].flip(1)]) if x.dim() == 3 and x.shape[1] == 75 else x
+                      for x in inp])
+    ref = torch.cat([ref[:1], ref[1:].flip(1)])
+    x32 = [x.float().requires_grad_() for x in inp]
+    out = _scan_cpu.compiled_scan(*x32, softplus=True, reverse_from=1)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6 * scale)
+    weight = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    ours = torch.autograd.grad((out * weight.float()).sum(), x32)
+    x64 = [x.detach().requires_grad_() for x in inp]
+    flip = lambda x: torch.cat([x[:1], x[1:].flip(1)])  # noqa: E731
+    ref = flip(loop_scan(*[flip(x) if x.dim() == 3 and x.shape[1] == 75 else x for x in x64]))
+    grads = torch.autograd.grad((ref * weight).sum(), x64)
+    for name, a, b in zip(["dt", "u", "A", "B", "C", "bias", "D"], ours, grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item(), msg=name)
+
+
+@needs_compiler
+def test_vectorised_scan_decays_underflow_to_zero_and_softplus_passes_large_inputs():
+    """Decays e^(delta A) far below float32's range are exactly 0 (h_t = delta_t u_t B_t), and dt + bias above
+    20 passes through softplus, in the float32 kernel as in the float64 loop."""
+    dt, u, A, B, C, bias, D = scan_inputs(groups=1, length=40, d=20, n=16, seed=9)
+    A = A * 1e4
+    dt[0, 5:9] = 30.0
+    out = _scan_cpu.compiled_scan(*(x.float() for x in (dt, u, A, B, C, bias, D)), softplus=True)
+    ref = loop_scan(dt, u, A, B, C, bias, D)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@needs_compiler
 def test_compiled_scan_is_exact_for_decays_too_fast_to_factorise():
     """The plain recurrence has no factorised form to overflow: |A| * delta of hundreds stays finite."""
     dt, u, A, B, C, bias, D = scan_inputs(length=40, d=5, seed=3)

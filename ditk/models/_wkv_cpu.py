@@ -23,7 +23,9 @@ NAME = "bi_wkv"
 
 SOURCE = _cpu_kernels.EXP_SOURCE + r"""
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -60,7 +62,8 @@ void bi_wkv(int64_t L, int64_t C, const T* __restrict w, const T* __restrict u, 
             ot[c] = o[c];
             T e = kt[c] + pos * w[c];
             T no = max_(o[c], e);
-            T e1 = exp_f(o[c] - no), e2 = exp_f(e - no);
+            T x = exp_f(-std::fabs(o[c] - e));  // one of e^(o - no), e^(e - no) is 1: one exp, not two
+            T e1 = o[c] >= e ? T(1) : x, e2 = o[c] >= e ? x : T(1);
             a[c] = e1 * a[c] + e2 * vt[c];
             b[c] = e1 * b[c] + e2;
             o[c] = no;
@@ -75,12 +78,16 @@ void bi_wkv(int64_t L, int64_t C, const T* __restrict w, const T* __restrict u, 
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
             T left = ot[c] - (pos - 1) * w[c], right = o[c] + (pos + 1) * w[c], s = u[c] + kt[c];
-            T m = max_(max_(left, right), s);
-            T e1 = exp_f(left - m), e2 = exp_f(right - m), e3 = exp_f(s - m);
+            // e^(left - m), e^(right - m), e^(s - m) at m = max of the three, with two exps: the larger of
+            // left and right (l2) against s, and the smaller against the larger
+            T l2 = max_(left, right), r = exp_f(-std::fabs(left - right)), q = exp_f(-std::fabs(l2 - s));
+            T top = l2 >= s ? T(1) : q, e3 = l2 >= s ? q : T(1);
+            T e1 = left >= right ? top : top * r, e2 = left >= right ? top * r : top;
             yt[c] = (e1 * at[c] + e2 * a[c] + e3 * vt[c]) / (e1 * bt[c] + e2 * b[c] + e3);
             T f = kt[c] - pos * w[c];
             T no = max_(o[c], f);
-            T f1 = exp_f(o[c] - no), f2 = exp_f(f - no);
+            T x = exp_f(-std::fabs(o[c] - f));
+            T f1 = o[c] >= f ? T(1) : x, f2 = o[c] >= f ? x : T(1);
             a[c] = f1 * a[c] + f2 * vt[c];
             b[c] = f1 * b[c] + f2;
             o[c] = no;
@@ -90,10 +97,10 @@ void bi_wkv(int64_t L, int64_t C, const T* __restrict w, const T* __restrict u, 
 
 template <typename T>
 void bi_wkv_all(int64_t B, int64_t L, int64_t C, const T* w, const T* u, const T* k, const T* v, T* y) {
-    std::vector<T> scratch(3 * L * C);
+    std::unique_ptr<T[]> scratch(new T[3 * L * C]);  // written before it is read: not zeroed
     for (int64_t q = 0; q < B; ++q)
-        bi_wkv<T>(L, C, w, u, k + q * L * C, v + q * L * C, y + q * L * C, scratch.data(), scratch.data() + L * C,
-                  scratch.data() + 2 * L * C);
+        bi_wkv<T>(L, C, w, u, k + q * L * C, v + q * L * C, y + q * L * C, scratch.get(), scratch.get() + L * C,
+                  scratch.get() + 2 * L * C);
 }
 
 }  // namespace
