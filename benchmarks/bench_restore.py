@@ -79,7 +79,7 @@ def main():
     ap.add_argument("--num", type=int, default=28, help="held-out crops to restore (28 = all)")
     ap.add_argument("--tasks", default=",".join(t for t, _ in TASKS))
     ap.add_argument("--methods", default="ddnm,ddrm,pigdm,dps,pnp-flow")
-    ap.add_argument("--steps", default="ddnm=100,ddrm=20,pigdm=100,dps=1000,pnp-flow=100",
+    ap.add_argument("--steps", default="ddnm=100,ddrm=100,pigdm=100,dps=1000,pnp-flow=100",
                     help="steps per method (DPS paper: 1000)")
     ap.add_argument("--pnp-samples", type=int, default=5, help="PnP-Flow noise draws averaged per step (paper: 5)")
     ap.add_argument("--seed", type=int, default=0)

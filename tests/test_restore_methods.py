@@ -251,15 +251,18 @@ def test_pigdm_step_moves_x0_by_the_pseudo_inverse_correction(task):
         assert (op.A(new / math.sqrt(ab_prev)) - y).abs().max() < 1e-6 * before  # the operators run in float32
 
 
-def test_pnp_flow_equals_the_papers_loop():
-    """PnP-Flow inside the sampling loop = a plain loop over the paper's Algorithm (same noise draws)."""
+@pytest.mark.parametrize("normalize", [True, False])
+def test_pnp_flow_equals_the_papers_loop(normalize):
+    """PnP-Flow inside the sampling loop = a plain loop over the paper's Algorithm (same noise draws); the step
+    is lr (1 - s)^alpha / L with L = ||A^T A|| (normalize) or L = 1 (the authors' code)."""
     objective = RectifiedFlow()
     op = build_operator("sr2", SHAPE)
     model = _tiny_dit(seed=1).float()
     model.learn_sigma = False
     y = op.A(torch.randn(2, *SHAPE))
     gens = [torch.Generator().manual_seed(10 + i) for i in range(2)]
-    method = get_method("pnp-flow")(op, y, objective, 0.0, {"samples": 3, "lr": 0.7}, generators=gens)
+    method = get_method("pnp-flow")(op, y, objective, 0.0, {"samples": 3, "lr": 0.7, "alpha": 1.0, "normalize": normalize},
+                                    generators=gens)
     noise = torch.randn(6, *SHAPE)
     steps = 6
     out = sample(model, objective, noise, {}, solver="euler", steps=steps, step_hooks=[method])[::3]
@@ -269,7 +272,7 @@ def test_pnp_flow_equals_the_papers_loop():
 
     gens = [torch.Generator().manual_seed(10 + i) for i in range(2)]
     x = noise.clone()
-    lip = 0.25  # sr2 average pooling: A^T A has eigenvalue 1/4
+    lip = 0.25 if normalize else 1.0  # sr2 average pooling: A^T A has eigenvalue 1/4
     for k in range(steps):
         s = k / steps  # the paper's time: 0 noise, 1 data
         gamma = 0.7 * (1 - s) / lip
