@@ -181,8 +181,9 @@ def test_dps_gradient_equals_finite_differences(task, latent):
         fd.view(-1)[k] = (f(x.detach() + e) - f(x.detach() - e)) / (2 * h)
     assert torch.allclose(method.grad, fd, rtol=1e-5, atol=1e-7)
     prev = torch.zeros_like(x)
-    assert torch.allclose(method.step_end(i, t, x, out, prev), -0.5 * fd if task.startswith("inpaint") else -0.3 * fd,
-                          atol=1e-7)
+    zeta = {"sr2": 1.0, "blur": 0.3, "inpaint-box": 0.5}[task]  # the per-task defaults (dps.py docstring)
+    assert method.opts["zeta"] == zeta
+    assert torch.allclose(method.step_end(i, t, x, out, prev), -zeta * fd, atol=1e-7)
 
 
 @pytest.mark.parametrize("sigma_y", [0.0, 0.1])
