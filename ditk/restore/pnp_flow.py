@@ -24,7 +24,12 @@ class PnPFlow(Method):
     objectives = ("rectified-flow",)
     solver = "euler"
     default_steps = 100
-    options = {"lr": 1.0, "alpha": 1.0, "samples": 5, "normalize": True}
+    # alpha 0.5: the authors' config (config/method_config/pnp_flow.yaml). Validation crops from the training part
+    # of the photographs (8 crops, 100 steps): alpha 1 lost 3.3 dB on random inpainting and 5.0 dB on denoising to
+    # alpha 0.5. normalize: the authors' raw step (L = 1) moves an SR x4 estimate by only 1/16 of its residual
+    # per step (A^T A = I / 16 for average pooling): 19.5 dB vs bicubic's 24.4 on the same crops, 23.7 dB (and a
+    # lower FID than bicubic) with the 1/L step.
+    options = {"lr": 1.0, "alpha": 0.5, "samples": 5, "normalize": True}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
