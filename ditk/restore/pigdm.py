@@ -32,7 +32,10 @@ class PiGDM(Method):
     help = "pseudo-inverse guidance: DDIM step + sqrt(abar) * VJP of A^+(y - A x0_hat) through the model"
     needs_pinv = True
     needs_grad = True
-    options = {"eta": 1.0, "scale": 1.0, "clip": True}
+    # eta 0: the authors' config (NVlabs/RED-diff _configs/algo/pgdm.yaml). Validation crops from the training part
+    # of the photographs (8 crops, 100 steps) agree: against eta 1, box inpainting 26.0 vs 25.5 dB (FID 0.55 vs
+    # 0.82), colourisation FID 72 vs 88, SR x4 FID 0.54 vs 0.62 (-0.6 dB).
+    options = {"eta": 0.0, "scale": 1.0, "clip": True}
 
     def begin(self, scheduler):
         self.grid = DDPMGrid(self.objective, [int(t) for t in scheduler.timesteps])
