@@ -24,7 +24,7 @@ def render(data: dict) -> str:
     for r in data["rows"]:
         task = f"{LABELS.get(r['task'], r['task'])} ({r['sigma_y']})" if r["task"] != last else ""
         last = r["task"]
-        method = r["method"].replace("classical (", "classical: ").rstrip(")") if r["method"].startswith(
+        method = r["method"].replace("classical (", "classical: ").removesuffix(")") if r["method"].startswith(
             "classical") else r["method"]
         v = verdict.get((r["task"], r["method"]))
         if v is None:
