@@ -10,6 +10,11 @@ Inception; KID as the paired U-statistic of ditk/restore/set_metrics.py); NFE pe
 which (task, method) pairs beat the classical baseline on PSNR or FID, and whether beyond the luck of the images
 (PSNR: mean per-image gain over two standard errors; FID: lower in >= 97.5 % of paired bootstrap resamples); writes it as JSON (--json) and a grid image (--grid): per task two crops, columns degraded | classical |
 methods... | ground truth.
+
+Tuning: `--split val` restores crops cut from the TRAINING part of the photographs instead (non-overlapping, stride
+32, `--num` of them evenly spaced) and `--options 'dps:zeta=1;pnp-flow:alpha=0.5'` sets method options; the
+defaults of ditk/restore were chosen that way, never on the held-out test crops the README reports.
+`benchmarks/restore_table.py` renders the JSON as the README's table.
 """
 
 from __future__ import annotations
