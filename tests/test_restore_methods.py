@@ -181,8 +181,9 @@ def test_dps_gradient_equals_finite_differences(task, latent):
         fd.view(-1)[k] = (f(x.detach() + e) - f(x.detach() - e)) / (2 * h)
     assert torch.allclose(method.grad, fd, rtol=1e-5, atol=1e-7)
     prev = torch.zeros_like(x)
-    assert torch.allclose(method.step_end(i, t, x, out, prev), -0.5 * fd if task.startswith("inpaint") else -0.3 * fd,
-                          atol=1e-7)
+    zeta = {"sr2": 1.0, "blur": 0.3, "inpaint-box": 0.5}[task]  # the per-task defaults (dps.py docstring)
+    assert method.opts["zeta"] == zeta
+    assert torch.allclose(method.step_end(i, t, x, out, prev), -zeta * fd, atol=1e-7)
 
 
 @pytest.mark.parametrize("sigma_y", [0.0, 0.1])
@@ -219,15 +220,50 @@ def test_pigdm_guidance_matches_the_closed_form_on_a_gaussian_prior(sigma_y):
         assert torch.allclose(v, Ap @ y.flatten() - Ap @ Am @ x0.flatten(), atol=1e-8)
 
 
-def test_pnp_flow_equals_the_papers_loop():
-    """PnP-Flow inside the sampling loop = a plain loop over the paper's Algorithm (same noise draws)."""
+class ZeroEps(torch.nn.Module):
+    """A prior that predicts eps = 0: x0_hat = x_t / sqrt(abar_t), so d x0_hat / d x_t = I / sqrt(abar_t)."""
+
+    def forward(self, x, t):
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("task", ["sr4", "colorize", "inpaint-random"])
+def test_pigdm_step_moves_x0_by_the_pseudo_inverse_correction(task):
+    """The authors' update (NVlabs/RED-diff pgdm.py, awd): x_s = sqrt(ab_s) (x0 + sqrt(ab_t) g) + c2 eps. With
+    J = I / sqrt(ab_t) the guidance sqrt(ab_t) g is A^+(y - A x0), so noise-free the DDIM(eta=0) step lands on
+    sqrt(ab_s) times an x0 that fits y exactly, at every step (the old weight sqrt(ab_t) without sqrt(ab_s)
+    overshot by 1 / sqrt(ab_s))."""
+    op = build_operator(task, (3, 8, 8))
+    objective = DDPM({"variance": "fixed_small"})
+    y = op.A(torch.rand(2, 3, 8, 8, dtype=torch.float64) * 2 - 1)
+    method = get_method("pigdm")(op, y, objective, 0.0, {"clip": False, "eta": 0.0})
+    scheduler = objective.make_scheduler("ddpm", 10)
+    method.begin(scheduler)
+    model = ZeroEps()
+    for i in (0, 4, 8):
+        t = scheduler.timesteps[i]
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64).requires_grad_(True)
+        with torch.enable_grad():
+            out = method.model_output(i, t, x, model(x, t))
+        new = method.step_end(i, t, x, out, None)
+        ab_prev = method.grid.ab_prev[i]
+        before = (op.A(method.x0) - y).abs().max()  # x0 = x_t / sqrt(ab_t) misses y by O(1 / sqrt(ab_t))
+        assert before > 0.5
+        assert (op.A(new / math.sqrt(ab_prev)) - y).abs().max() < 1e-6 * before  # the operators run in float32
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_pnp_flow_equals_the_papers_loop(normalize):
+    """PnP-Flow inside the sampling loop = a plain loop over the paper's Algorithm (same noise draws); the step
+    is lr (1 - s)^alpha / L with L = ||A^T A|| (normalize) or L = 1 (the authors' code)."""
     objective = RectifiedFlow()
     op = build_operator("sr2", SHAPE)
     model = _tiny_dit(seed=1).float()
     model.learn_sigma = False
     y = op.A(torch.randn(2, *SHAPE))
     gens = [torch.Generator().manual_seed(10 + i) for i in range(2)]
-    method = get_method("pnp-flow")(op, y, objective, 0.0, {"samples": 3, "lr": 0.7}, generators=gens)
+    method = get_method("pnp-flow")(op, y, objective, 0.0, {"samples": 3, "lr": 0.7, "alpha": 1.0, "normalize": normalize},
+                                    generators=gens)
     noise = torch.randn(6, *SHAPE)
     steps = 6
     out = sample(model, objective, noise, {}, solver="euler", steps=steps, step_hooks=[method])[::3]
@@ -237,7 +273,7 @@ def test_pnp_flow_equals_the_papers_loop():
 
     gens = [torch.Generator().manual_seed(10 + i) for i in range(2)]
     x = noise.clone()
-    lip = 0.25  # sr2 average pooling: A^T A has eigenvalue 1/4
+    lip = 0.25 if normalize else 1.0  # sr2 average pooling: A^T A has eigenvalue 1/4
     for k in range(steps):
         s = k / steps  # the paper's time: 0 noise, 1 data
         gamma = 0.7 * (1 - s) / lip

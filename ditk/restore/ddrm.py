@@ -39,7 +39,10 @@ class DDRM(Method):
     help = "per-singular-value update in the spectral space of A: x0, ybar = U^T y / s, noise by sigma_t vs sigma_y/s"
     needs_pinv = True
     options = {"eta": 0.85, "eta_b": 1.0}
-    default_steps = 20  # the paper's 20 NFE
+    # The paper's 20 NFE is for its ImageNet/CelebA priors. On the small photos prior 20 steps leave visible noise
+    # (validation crops, 50 % random inpainting: FID 1.51 at 20 steps, 0.41 at 50, 0.23 at 100; DDNM at 20 steps is
+    # just as bad, so it is the step count, not the update): 100, as DDNM and PiGDM.
+    default_steps = 100
 
     @classmethod
     def check(cls, op, objective_name, latent):
