@@ -267,6 +267,7 @@ def measure(variants, args, device):
             times[name].append(time.perf_counter() - t0)
             if device.type == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
+    torch.set_float32_matmul_precision("highest")  # a variant's runtime.matmul_precision ends with the run
     return times, waits, peak
 
 

@@ -222,3 +222,11 @@ def test_matmul_precision_medium_uses_bf16_inside_fp32_matmuls():
             set_matmul_precision(resolve("digits-dit", ["runtime.matmul_precision=low"]))
     finally:
         torch.set_float32_matmul_precision("highest")
+
+
+def test_mixed_precision_no_on_the_command_line_reads_as_no():
+    # key=value overrides are YAML: a bare `no` is false, which accelerate would refuse with a traceback
+    assert resolve("digits-dit", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert resolve("digits-dit", ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        resolve("digits-dit", ["train.mixed_precision=fp8"])
