@@ -354,7 +354,8 @@ def run(args):
         ms = statistics.median(times[name]) * 1e3
         rows.append({"variant": name, "precision": precision, "params": params, "step_ms": ms,
                      "images_per_s": args.batch / ms * 1e3, "data_wait_ms": statistics.median(waits[name]) * 1e3,
-                     "ratio": ms / (ref * 1e3), "model_gflop": flops / 1e9, "mfu": flops / (ms / 1e3) / ceilings[precision],
+                     "ratio": ms / (ref * 1e3), "model_gflop": flops / 1e9,
+                     "mfu": flops / (ms / 1e3) / ceilings[precision],
                      "peak_mem_mb": peak[name] / 2 ** 20 if name in peak else None})
     print(f"{args.preset}  batch {args.batch}  {device.type}  {args.precision}  {args.steps} alternating steps  "
           f"default threads {DEFAULT_THREADS}  overrides: {' '.join(args.overrides) or '-'}")

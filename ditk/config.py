@@ -178,7 +178,8 @@ def validate(cfg: DictConfig, allow_missing: Iterable[str] = ()) -> DictConfig:
     if str(out["train"].mixed_precision).lower() == "false":
         out["train"].mixed_precision = "no"
     if out["train"].mixed_precision not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"train.mixed_precision={out['train'].mixed_precision!r} is not one of no, bf16, fp16: pick one")
+        value = out["train"].mixed_precision
+        raise ConfigError(f"train.mixed_precision={value!r} is not one of no, bf16, fp16: pick one")
     for section, schema in OPTIONAL_FIXED_SECTIONS.items():  # present only when given (e.g. `prune`)
         if section in raw:
             out[section] = _typed_section(section, raw.get(section), schema, section in allow_missing)

@@ -58,7 +58,9 @@ class TrainConfig:
 @dataclass
 class RuntimeConfig:
     threads: int = 0  # torch's intra-op CPU threads (torch.set_num_threads); 0 = torch's default (OMP_NUM_THREADS)
-    matmul_precision: str = "highest"  # fp32 matmuls: highest (fp32) | high (TF32 on CUDA) | medium (bf16 inside, CPU AMX too)
+    # fp32 matmuls (torch.set_float32_matmul_precision): highest (fp32) | high (TF32 on CUDA) | medium (bf16 inside,
+    # on CPU too: AMX / AVX512-BF16)
+    matmul_precision: str = "highest"
 
 
 @dataclass
