@@ -120,7 +120,8 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
 
     tc = cfg.train
     set_threads(cfg)
-    set_matmul_precision(cfg)  # before train.allow_tf32, which turns TF32 on for CUDA matmuls on top of it
+    if set_matmul_precision(cfg) != "highest":  # before train.allow_tf32, which turns TF32 on for CUDA on top of it
+        log(f"fp32 matmul precision: {cfg.runtime.matmul_precision} (torch.set_float32_matmul_precision)")
     from . import fsdp
 
     fsdp.check_config(tc)

@@ -203,6 +203,12 @@ def test_bf16_autocast_takes_effect_on_cpu_and_fp32_stays_fp32(tmp_path):
     assert 0 < rel < 0.05  # measured 0.004
 
 
+def test_matmul_precision_is_applied_and_logged_by_the_training_loop(tmp_path, capfd):
+    _, _, precision, _ = _train_recording_linears(tmp_path, "medium", ["runtime.matmul_precision=medium"])
+    assert precision == "medium"  # (the helper restores torch's default afterwards)
+    assert "[ditk] fp32 matmul precision: medium" in capfd.readouterr().err
+
+
 @bf16_units
 def test_matmul_precision_medium_uses_bf16_inside_fp32_matmuls():
     from ditk.speed import set_matmul_precision
