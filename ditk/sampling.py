@@ -147,7 +147,13 @@ def sample(
     bar = tqdm(scheduler.timesteps, desc=f"{solver} {steps} steps", disable=not progress, file=sys.stderr, leave=False)
     # One cache session per call: fresh cache state, every evaluation of this loop keyed by its index.
     session = cache.session(model, len(scheduler.timesteps)) if cache is not None else contextlib.nullcontext()
-    with session:
+    # bf16: one (disabled) autocast region around the loop keeps autocast's cache of the weights' bf16 casts from one
+    # denoiser call to the next (torch drops it when the outermost autocast region exits) instead of re-casting every
+    # weight at every step; the weights do not change while sampling. Not with a hook that differentiates through
+    # the model (DPS), whose backward passes would share the cached casts.
+    keep_casts = precision == "bf16" and not needs_grad
+    casts = torch.autocast(device.type, dtype=torch.bfloat16, enabled=False) if keep_casts else contextlib.nullcontext()
+    with session, casts:
         for i, t in enumerate(bar):
             for hook in step_hooks:
                 if hasattr(hook, "step_begin"):

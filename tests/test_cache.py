@@ -297,6 +297,14 @@ def test_bf16_sampling_autocasts_the_model_on_cpu():
     assert out["bf16"].dtype == torch.float32 and not torch.equal(out["bf16"], out["fp32"])
     err = (out["bf16"] - out["fp32"]).norm() / out["fp32"].norm()
     assert err < 2e-2
+    # the loop keeps autocast's bf16 weight casts from step to step, except under a hook that differentiates
+    # through the model (casts made afresh at every call): the same numbers either way
+    class NeedsGrad:
+        needs_grad = True
+
+    fresh = sample(model, DDPM(DDPMConfig()), noise, {"y": torch.tensor([1, 2])}, solver="ddim", steps=4,
+                   precision="bf16", step_hooks=[NeedsGrad()])
+    assert torch.equal(fresh, out["bf16"])
     with pytest.raises(ConfigError, match="precision"):
         sample(model, DDPM(DDPMConfig()), noise, {"y": torch.tensor([1, 2])}, solver="ddim", steps=2, precision="fp8")
 
