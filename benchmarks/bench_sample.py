@@ -2,11 +2,13 @@
 
     python benchmarks/bench_sample.py [--preset dit-s-2] [--steps 50] [--batch 8] [--device cpu|cuda]
         [--precision fp32|bf16] [--solver ddpm] [--cfg-scale 4.0] [--cache none] [--compile] [--repeats 3]
-        [--warmup 1] [--variant NAME:KEY=V,KEY=V ...] [--official PATH] [--json out.json] [KEY=VALUE ...]
+        [--warmup 1] [--variant NAME:KEY=V,KEY=V ...] [--official PATH] [--official-precision fp32,bf16]
+        [--json out.json] [KEY=VALUE ...]
     python benchmarks/bench_sample.py --suite dit-s-2,dit-b-2,dit-xl-2 --device cuda --batch 32 --json gpu-sample.json
 
 The second is the whole GPU sampling table (each preset in fp32 and bf16, eager and compiled, 50 DDPM steps with
-guidance 4.0 unless --steps/--solver/--cfg-scale say otherwise; on CPU fp32 only); it has not been run (no GPU here).
+guidance 4.0 unless --steps/--solver/--cfg-scale say otherwise); it has not been run (no GPU here). bf16 is autocast
+on CUDA and on CPU (oneDNN's bf16 kernels; fast on AMX / AVX512-BF16 cores).
 
 Each variant is ditk's sampling loop (`ditk.sampling.sample`, what `ditk sample` runs, with the feature-cache
 policy and compiled units of `ditk.generate.sample_images`) on one batch of latents, under the preset plus the
@@ -21,7 +23,8 @@ there, never copied here), as its sample_ddp.py runs it: `create_diffusion(str(s
 `forward_with_cfg` on a doubled batch when cfg_scale > 1 (guidance on the first 3 channels), on the same
 weights (ditk's DiT state dict has the official names) and the same noise. Its row corresponds to ditk's
 `solver=ddpm` with `sample.cfg_channels=3`; the script sets those for every ditk variant when --official is
-given, unless a variant overrides them.
+given, unless a variant overrides them. One official row per `--official-precision` (default: --precision);
+bf16 runs the official loop under torch.autocast(device, bfloat16), as ditk's `sample.precision=bf16` does.
 
 Variants run ALTERNATING, one full sampling run each per repeat, so that a busy machine slows them alike. The
 table gives, per variant: images/s, milliseconds per sampling step, NFE (denoiser forward calls per run; a
@@ -110,7 +113,7 @@ def ditk_variant(cfg, base_model, args, device):
     return run, counter
 
 
-def official_variant(path, cfg, base_model, args, device):
+def official_variant(path, cfg, base_model, args, device, precision="fp32"):
     """The official DiT sampling loop (sample_ddp.py's), imported from a local checkout."""
     sys.path.insert(0, path)
     try:
@@ -137,7 +140,7 @@ def official_variant(path, cfg, base_model, args, device):
         z, kwargs, fn = noise, dict(y=y), model.forward
     counter = CallCounter()
     fn = counter.wrap(fn)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=sc.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     @torch.no_grad()
     def run():
@@ -191,6 +194,8 @@ def main(argv=None):
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME:KEY=V,KEY=V a ditk setting (repeatable; the first is the reference)")
     parser.add_argument("--official", default="", help="path of a local facebookresearch/DiT checkout")
+    parser.add_argument("--official-precision", default="",
+                        help="comma-separated: one official row per precision, fp32 and/or bf16 (default: --precision)")
     parser.add_argument("--json", default="", help="write the results here as JSON")
     parser.add_argument("--suite", default="",
                         help="comma-separated presets: run each in fp32 and bf16, variants (default) eager and "
@@ -198,17 +203,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--steps, --batch and --repeats must be >= 1, --warmup >= 0")
+    if not set(filter(None, args.official_precision.split(","))) <= {"fp32", "bf16"}:
+        parser.error("--official-precision: a comma-separated list of fp32 and bf16")
     if not args.suite:
         result = run(args)
     else:
         import gc
 
         result = []
-        # ditk samples in bf16 only on CUDA (autocast there; refused on CPU): a CPU dry run does fp32 alone.
-        precisions = ("fp32", "bf16") if args.device.startswith("cuda") else ("fp32",)
         for preset in filter(None, args.suite.split(",")):
-            for precision in precisions:
+            for precision in ("fp32", "bf16"):
                 one = argparse.Namespace(**{**vars(args), "preset": preset, "precision": precision,
+                                            "official_precision": "",
                                             "cfg_scale": 4.0 if args.cfg_scale is None else args.cfg_scale,
                                             "solver": args.solver or "ddpm",
                                             "variant": args.variant or ["eager:sample.compile=false",
@@ -248,10 +254,16 @@ def run(args):
         run_fn, counter = ditk_variant(cfg, base_model, args, device)
         variants.append((name, run_fn, counter))
         cfgs[name] = cfg
+    officials = []
     if args.official:
-        run_fn, counter = official_variant(args.official, base, base_model, args, device)
-        variants.append(("official", run_fn, counter))
-        cfgs["official"] = base
+        precisions = list(filter(None, getattr(args, "official_precision", "").split(","))) or [args.precision]
+        for precision in precisions:
+            name = "official" if len(precisions) == 1 else f"official-{precision}"
+            run_fn, counter = official_variant(args.official, base, base_model, args, device, precision)
+            variants.append((name, run_fn, counter))
+            cfgs[name] = resolve(args.preset, [*common, f"sample.precision={precision}"],
+                                 allow_missing=("data", "autoencoder"))
+            officials.append(name)
 
     times, nfe, peak = measure(variants, args, device)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -260,24 +272,27 @@ def run(args):
     for name, _, _ in variants:
         sec = statistics.median(times[name])
         sc = cfgs[name].sample
-        rows.append({"variant": name, "solver": sc.solver, "steps": int(sc.steps), "cfg_scale": float(sc.cfg_scale),
+        rows.append({"variant": name, "precision": sc.precision, "solver": sc.solver, "steps": int(sc.steps), "cfg_scale": float(sc.cfg_scale),
                      "cache": sc.cache, "compile": bool(sc.compile), "seconds": sec, "images_per_s": args.batch / sec,
                      "ms_per_step": sec / int(sc.steps) * 1e3, "nfe": nfe[name], "ratio": sec / ref,
                      "peak_mem_mb": peak[name] / 2 ** 20 if name in peak else None})
     print(f"{args.preset}  batch {args.batch}  {device.type}  {args.precision}  {args.repeats} alternating runs  "
           f"threads {torch.get_num_threads()}  overrides: {' '.join(args.overrides) or '-'}")
-    print(f"{'variant':<14}{'solver':>8}{'steps':>6}{'cfg':>5}{'cache':>11}{'img/s':>9}{'ms/step':>10}{'NFE':>6}"
+    print(f"{'variant':<14}{'prec':>6}{'solver':>8}{'steps':>6}{'cfg':>5}{'cache':>11}{'img/s':>9}{'ms/step':>10}{'NFE':>6}"
           f"{'peak MB':>9}{'x first':>9}")
     for r in rows:
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else f"{rss_mb:.0f}*"
         cache = r["cache"] + ("+c" if r["compile"] else "")
-        print(f"{r['variant']:<14}{r['solver']:>8}{r['steps']:>6}{r['cfg_scale']:>5.1f}{cache:>11}"
+        print(f"{r['variant']:<14}{r['precision']:>6}{r['solver']:>8}{r['steps']:>6}{r['cfg_scale']:>5.1f}{cache:>11}"
               f"{r['images_per_s']:>9.2f}{r['ms_per_step']:>10.1f}{r['nfe']:>6}{mem:>9}{r['ratio']:>9.3f}")
     if device.type != "cuda":
         print("* CPU: the whole process's max RSS, not per variant")
-    if args.official:
-        for r in rows[:-1]:
-            print(f"{r['variant']} / official sampling time: {r['seconds'] / rows[-1]['seconds']:.3f}")
+    seconds = {r["variant"]: r["seconds"] for r in rows}
+    for r in rows:
+        if r["variant"] not in officials:
+            r["vs_official"] = {o: r["seconds"] / seconds[o] for o in officials}
+            for o, ratio in r["vs_official"].items():
+                print(f"{r['variant']} / {o} sampling time: {ratio:.3f}")
     return {"preset": args.preset, "batch": args.batch, "device": device.type, "precision": args.precision,
             "repeats": args.repeats, "threads": torch.get_num_threads(), "overrides": args.overrides,
             "process_max_rss_mb": rss_mb, "rows": rows}

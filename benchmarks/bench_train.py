@@ -1,7 +1,8 @@
 """Training-step speed of any class-conditional preset, per lever set, optionally beside the official DiT code.
 
     python benchmarks/bench_train.py [--preset dit-s-2] [--batch 16] [--device cpu|cuda] [--precision fp32|bf16]
-        [--steps 10] [--warmup 2] [--variant NAME:KEY=V,KEY=V ...] [--official PATH] [--json out.json] [KEY=VALUE ...]
+        [--steps 10] [--warmup 2] [--variant NAME:KEY=V,KEY=V ...] [--official PATH]
+        [--official-precision fp32,bf16] [--json out.json] [KEY=VALUE ...]
     python benchmarks/bench_train.py --suite dit-s-2,dit-b-2,dit-xl-2 --batch 32 --device cuda --json gpu.json
 
 The second is the whole GPU table (DiT-S/2, B/2, XL/2 at the paper's 32 images per GPU, fp32 and bf16, eager
@@ -9,10 +10,16 @@ and regionally compiled); it has not been run yet (no GPU was available when it 
 
 Each variant is ditk's training step (the loop's: objective loss, backward, clipping, AdamW, EMA) under the
 preset plus its overrides, e.g. `--variant eager:train.compile=none --variant regional:train.compile=regional`
-(default: one variant `ditk` with the preset's settings). Thread counts are compared in separate processes
+(default: one variant `ditk` with the preset's settings). A variant's precision is its own config's, as in the
+loop: `train.mixed_precision=bf16` autocasts the model's forward to bf16 exactly as accelerate does in `ditk train`
+(fp32 master weights, outputs back to fp32 for the loss) and `runtime.matmul_precision=medium` lets fp32 matmuls
+use bf16 internally; `--precision bf16` sets `train.mixed_precision=bf16` for every variant that does not set it.
+Thread counts are compared in separate processes
 (`OMP_NUM_THREADS=N`): switching torch's threads at every alternating step costs more than the step itself. `--official PATH` adds the official
 facebookresearch/DiT step (PATH is a local checkout, imported from there, never copied here): its DiT,
-`create_diffusion("")`, AdamW(lr=1e-4, wd=0) and its EMA loop, with the same weights, batch and shapes.
+`create_diffusion("")`, AdamW(lr=1e-4, wd=0) and its EMA loop, with the same weights, batch and shapes; one row
+per `--official-precision` (default: --precision): `official-bf16` wraps the official model's forward in the same
+bf16 autocast as ditk's bf16 variants (the official train.py itself trains in fp32).
 Variants run ALTERNATING, one step each per round, so that a busy machine slows them alike; the table gives
 median step time, images/s, model FLOPs per step (FlopCounterMode) and MFU against a large matmul timed
 on the same device and precision, the time blocked on the data loader, peak memory (CUDA: allocated; CPU: the
@@ -77,6 +84,23 @@ def sd_vae(device):
     return KLAutoencoder(vae.to(device), "sd-vae-ft-ema config, random weights", scale_factor=0.18215)
 
 
+def bf16_forward(model, device):
+    """What accelerate's `prepare` does to the model under `mixed_precision="bf16"` (ditk.train): its forward
+    runs under torch.autocast(device, bfloat16) and floating outputs return to fp32; weights stay fp32."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    forward = model.forward
+    model.forward = convert_outputs_to_fp32(torch.autocast(device.type, dtype=torch.bfloat16)(forward))
+    return model
+
+
+def variant_precision(cfg) -> str:
+    """The row's precision label: the autocast dtype, plus the fp32 matmul precision when not `highest`."""
+    mixed = {"no": "fp32"}.get(str(cfg.train.mixed_precision), str(cfg.train.mixed_precision))
+    matmul = str(cfg.runtime.get("matmul_precision", "highest"))
+    return mixed if matmul == "highest" else f"{mixed}/{matmul}"
+
+
 def ditk_variant(preset, overrides, args, device, vae=None, cached=None):
     """ditk's step for one lever set; returns (step function, parameter count, config). vae: encode pixels at
     every step (the official way) instead of reading precomputed latents; cached: read that VAE's posterior
@@ -99,7 +123,11 @@ def ditk_variant(preset, overrides, args, device, vae=None, cached=None):
         pixels = (2 * shape[0], *shape[1:])  # cat(mean, std), as the latent cache stores them
     batches = _loader(pixels, getattr(model, "num_classes", 0) or 0, args.batch, args.workers, 0)
     gen = torch.Generator().manual_seed(0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    if cfg.train.mixed_precision not in ("no", "bf16"):
+        raise SystemExit(f"train.mixed_precision={cfg.train.mixed_precision}: the harness times no and bf16")
+    if cfg.train.mixed_precision == "bf16":  # after the levers, as the loop calls accelerator.prepare after them
+        bf16_forward(model, device)
+    matmul = matmul_precision(cfg.runtime.get("matmul_precision", "highest"))
     clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
     if int(cfg.runtime.threads):
         raise SystemExit("runtime.threads: measure thread counts in separate processes (OMP_NUM_THREADS=N python "
@@ -108,6 +136,7 @@ def ditk_variant(preset, overrides, args, device, vae=None, cached=None):
     model.train()
 
     def step():
+        torch.set_float32_matmul_precision(matmul)  # per step: the variants alternate in one process
         t0 = time.perf_counter()
         x0, labels = next(batches)
         wait = time.perf_counter() - t0
@@ -118,8 +147,7 @@ def ditk_variant(preset, overrides, args, device, vae=None, cached=None):
             x0 = draw.encode(x0, generator=gen)  # a fresh posterior draw per step
         t = objective.sample_time(args.batch, gen).to(device)
         noise = torch.randn((args.batch, *shape), generator=gen).to(device)
-        with autocast:
-            loss = objective.training_losses(model, x0, t, noise, conditioner.cond(labels))["loss"].mean()
+        loss = objective.training_losses(model, x0, t, noise, conditioner.cond(labels))["loss"].mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # what accelerate's clip calls
         optimizer.step()
@@ -130,8 +158,17 @@ def ditk_variant(preset, overrides, args, device, vae=None, cached=None):
     return step, sum(p.numel() for p in model.parameters()), cfg
 
 
-def official_variant(path, cfg, args, device, vae=None):
-    """The official DiT training step (facebookresearch/DiT train.py), imported from a local checkout."""
+def matmul_precision(value) -> str:
+    from ditk.speed import MATMUL_PRECISIONS
+
+    if str(value) not in MATMUL_PRECISIONS:
+        raise SystemExit(f"runtime.matmul_precision={value}: one of {', '.join(MATMUL_PRECISIONS)}")
+    return str(value)
+
+
+def official_variant(path, cfg, args, device, vae=None, precision="fp32"):
+    """The official DiT training step (facebookresearch/DiT train.py), imported from a local checkout. precision
+    bf16: its model's forward under the same autocast as ditk's bf16 variants (the official code has none)."""
     sys.path.insert(0, path)
     try:
         from diffusion import create_diffusion
@@ -150,7 +187,8 @@ def official_variant(path, cfg, args, device, vae=None):
     if vae is not None:
         shape = (3, m.input_size * vae.downsample, m.input_size * vae.downsample)
     batches = _loader(shape, m.num_classes, args.batch, args.workers, 0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    if precision == "bf16":
+        bf16_forward(model, device)
     model.train()
 
     @torch.no_grad()
@@ -160,6 +198,7 @@ def official_variant(path, cfg, args, device, vae=None):
             ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
 
     def step():
+        torch.set_float32_matmul_precision("highest")  # torch's default, which the official code runs under
         t0 = time.perf_counter()
         x, y = next(batches)
         wait = time.perf_counter() - t0
@@ -168,8 +207,7 @@ def official_variant(path, cfg, args, device, vae=None):
             with torch.no_grad():  # official train.py
                 x = vae.vae.encode(x).latent_dist.sample().mul_(0.18215)
         t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-        with autocast:
-            loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+        loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -201,10 +239,13 @@ def step_flops(cfg, args, device) -> int:
 
 
 def matmul_ceiling(device, precision) -> float:
-    """FLOP/s of a large square matmul on this device in this precision: the MFU denominator."""
+    """FLOP/s of a large square matmul on this device in this precision (a variant_precision label: bf16 = bf16
+    operands; fp32/medium = fp32 operands under that fp32 matmul precision): the MFU denominator."""
     n = 4096 if device.type == "cuda" else 1024
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    mixed, _, matmul = precision.partition("/")
+    dtype = torch.bfloat16 if mixed == "bf16" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    torch.set_float32_matmul_precision(matmul or "highest")
     times = []
     for _ in range(6):
         _sync(device)
@@ -212,19 +253,20 @@ def matmul_ceiling(device, precision) -> float:
         a @ b
         _sync(device)
         times.append(time.perf_counter() - t0)
+    torch.set_float32_matmul_precision("highest")
     return 2 * n ** 3 / statistics.median(times[1:])
 
 
 def measure(variants, args, device):
     """Alternate the variants one step at a time; per variant: step seconds and data-wait seconds."""
-    for _, step, _ in variants:
+    for _, step, *_ in variants:
         for _ in range(args.warmup):  # compilation and allocator warm-up, untimed
             step()
-    times = {name: [] for name, _, _ in variants}
-    waits = {name: [] for name, _, _ in variants}
+    times = {name: [] for name, *_ in variants}
+    waits = {name: [] for name, *_ in variants}
     peak = {}
     for _ in range(args.steps):
-        for name, step, _ in variants:
+        for name, step, *_ in variants:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
@@ -234,6 +276,7 @@ def measure(variants, args, device):
             times[name].append(time.perf_counter() - t0)
             if device.type == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
+    torch.set_float32_matmul_precision("highest")  # a variant's runtime.matmul_precision ends with the run
     return times, waits, peak
 
 
@@ -250,6 +293,8 @@ def main(argv=None):
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME:KEY=V,KEY=V a ditk lever set (repeatable; the first is the reference)")
     parser.add_argument("--official", default="", help="path of a local facebookresearch/DiT checkout")
+    parser.add_argument("--official-precision", default="",
+                        help="comma-separated: one official row per precision, fp32 and/or bf16 (default: --precision)")
     parser.add_argument("--json", default="", help="write the results here as JSON")
     parser.add_argument("--vae", action="store_true",
                         help="also run each variant encoding pixels with a random SD-VAE at every step (NAME+vae)")
@@ -259,6 +304,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.warmup < 0:
         parser.error("--steps and --batch must be >= 1, --warmup >= 0")
+    if not set(filter(None, args.official_precision.split(","))) <= {"fp32", "bf16"}:
+        parser.error("--official-precision: a comma-separated list of fp32 and bf16")
     if not args.suite:
         result = run(args)
     else:
@@ -268,6 +315,7 @@ def main(argv=None):
         for preset in filter(None, args.suite.split(",")):
             for precision in ("fp32", "bf16"):
                 one = argparse.Namespace(**{**vars(args), "preset": preset, "precision": precision,
+                                            "official_precision": "",
                                             "variant": args.variant or ["eager:train.compile=none",
                                                                         "compiled:train.compile=regional"]})
                 result.append(run(one))
@@ -284,51 +332,62 @@ def run(args):
     """One table: the variants of one preset, batch, device and precision, alternating."""
     device = torch.device(args.device)
 
-    variants, cfg = [], None
+    variants, cfg = [], None  # (name, step, params, precision label)
     vae = sd_vae(device) if getattr(args, "vae", False) else None
+    common = [*(["train.mixed_precision=bf16"] if args.precision == "bf16" else []), *args.overrides]
     for spec in args.variant or ["ditk:"]:
         name, _, keys = spec.partition(":")
-        overrides = [*args.overrides, *filter(None, keys.split(","))]
+        overrides = [*common, *filter(None, keys.split(","))]
         step, params, cfg_v = ditk_variant(args.preset, overrides, args, device, cached=vae)
         cfg = cfg or cfg_v
-        variants.append((name, step, params))
+        variants.append((name, step, params, variant_precision(cfg_v)))
         if vae is not None:
             step, params, _ = ditk_variant(args.preset, overrides, args, device, vae=vae)
-            variants.append((f"{name}+vae", step, params))
+            variants.append((f"{name}+vae", step, params, variant_precision(cfg_v)))
+    officials = []
     if args.official:
-        step, params = official_variant(args.official, cfg, args, device, vae=vae)
-        variants.append(("official+vae" if vae is not None else "official", step, params))
+        precisions = list(filter(None, getattr(args, "official_precision", "").split(","))) or [args.precision]
+        for precision in precisions:
+            step, params = official_variant(args.official, cfg, args, device, vae=vae, precision=precision)
+            name = "official" if len(precisions) == 1 else f"official-{precision}"
+            officials.append(name + ("+vae" if vae is not None else ""))
+            variants.append((officials[-1], step, params, precision))
 
     flops = step_flops(cfg, args, device)
-    ceiling = matmul_ceiling(device, args.precision)
+    ceilings = {p: matmul_ceiling(device, p) for p in dict.fromkeys(v[3] for v in variants)}
     times, waits, peak = measure(variants, args, device)
     ref = statistics.median(times[variants[0][0]])
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows = []
-    for name, _, params in variants:
+    for name, _, params, precision in variants:
         ms = statistics.median(times[name]) * 1e3
-        rows.append({"variant": name, "params": params, "step_ms": ms, "images_per_s": args.batch / ms * 1e3,
-                     "data_wait_ms": statistics.median(waits[name]) * 1e3, "ratio": ms / (ref * 1e3),
-                     "model_gflop": flops / 1e9, "mfu": flops / (ms / 1e3) / ceiling,
+        rows.append({"variant": name, "precision": precision, "params": params, "step_ms": ms,
+                     "images_per_s": args.batch / ms * 1e3, "data_wait_ms": statistics.median(waits[name]) * 1e3,
+                     "ratio": ms / (ref * 1e3), "model_gflop": flops / 1e9,
+                     "mfu": flops / (ms / 1e3) / ceilings[precision],
                      "peak_mem_mb": peak[name] / 2 ** 20 if name in peak else None})
     print(f"{args.preset}  batch {args.batch}  {device.type}  {args.precision}  {args.steps} alternating steps  "
           f"default threads {DEFAULT_THREADS}  overrides: {' '.join(args.overrides) or '-'}")
-    print(f"model {flops / 1e9:.2f} GFLOP per step (forward + backward); matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
-    print(f"{'variant':<16}{'params':>12}{'step ms':>10}{'img/s':>9}{'MFU %':>7}{'wait ms':>9}{'peak MB':>9}"
-          f"{'x first':>9}")
+    print(f"model {flops / 1e9:.2f} GFLOP per step (forward + backward); matmul ceiling (GFLOP/s): "
+          + ", ".join(f"{p} {c / 1e9:.1f}" for p, c in ceilings.items()))
+    print(f"{'variant':<16}{'precision':>12}{'params':>12}{'step ms':>10}{'img/s':>9}{'MFU %':>7}{'wait ms':>9}"
+          f"{'peak MB':>9}{'x first':>9}")
     for r in rows:
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else f"{rss_mb:.0f}*"
-        print(f"{r['variant']:<16}{r['params']:>12,}{r['step_ms']:>10.1f}{r['images_per_s']:>9.1f}"
+        print(f"{r['variant']:<16}{r['precision']:>12}{r['params']:>12,}{r['step_ms']:>10.1f}{r['images_per_s']:>9.1f}"
               f"{100 * r['mfu']:>7.1f}{r['data_wait_ms']:>9.2f}{mem:>9}{r['ratio']:>9.3f}")
     if device.type != "cuda":
         print("* CPU: the whole process's max RSS, not per variant")
-    if args.official:
-        for r in rows[:-1]:
-            print(f"{r['variant']} / official step time: {r['step_ms'] / rows[-1]['step_ms']:.3f}")
+    ms_of = {r["variant"]: r["step_ms"] for r in rows}
+    for r in rows:
+        if r["variant"] not in officials:
+            r["vs_official"] = {o: r["step_ms"] / ms_of[o] for o in officials}
+            for o, ratio in r["vs_official"].items():
+                print(f"{r['variant']} / {o} step time: {ratio:.3f}")
     result = {"preset": args.preset, "batch": args.batch, "device": device.type, "precision": args.precision,
               "steps": args.steps, "default_threads": DEFAULT_THREADS, "overrides": args.overrides,
               "process_max_rss_mb": rss_mb, "model_gflop_per_step": flops / 1e9,
-              "matmul_ceiling_gflops": ceiling / 1e9, "rows": rows}
+              "matmul_ceiling_gflops": {p: c / 1e9 for p, c in ceilings.items()}, "rows": rows}
     if vae is not None:
         result["vae_params"] = sum(p.numel() for p in vae.vae.parameters())
         print(f"VAE: {result['vae_params']:,} parameters ({vae.path}); model FLOPs and MFU count the DiT only")

@@ -39,7 +39,7 @@ SHORTCUTS = {"num": "sample.num", "batch_size": "sample.batch_size", "seed": "sa
               help="A cache policy option, e.g. --cache-opt interval=4 (repeatable).")
 @click.option("--calibrate", is_flag=True, help="TeaCache: fit its rescaling polynomial for this run first (runs/<name>/teacache.json).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the blocks (or the cached sub-modules).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="bf16: autocast the model on a GPU.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="bf16: autocast the model to bfloat16 (CUDA, or CPUs with bf16 units: AMX / AVX512-BF16).")
 @click.option("--shift", type=click.FloatRange(0, min_open=True), help="Flow models: shift of the sampling schedule, t' = s t / (1 + (s - 1) t) (SD3).")
 @click.option("--time-shift-window", type=click.IntRange(0), help="Time-shift sampler (with --solver ddim): candidate timesteps per step.")
 @click.option("--compare-to-full", is_flag=True, help="Also sample the same seeds without the cache: speed-up and PSNR in report.json.")

@@ -174,6 +174,12 @@ def validate(cfg: DictConfig, allow_missing: Iterable[str] = ()) -> DictConfig:
     out = {}
     for section, schema in FIXED_SECTIONS.items():
         out[section] = _typed_section(section, raw.get(section), schema, section in allow_missing)
+    # YAML, and so a key=value override, reads a bare `no` as false: train.mixed_precision=no means "no".
+    if str(out["train"].mixed_precision).lower() == "false":
+        out["train"].mixed_precision = "no"
+    if out["train"].mixed_precision not in ("no", "bf16", "fp16"):
+        value = out["train"].mixed_precision
+        raise ConfigError(f"train.mixed_precision={value!r} is not one of no, bf16, fp16: pick one")
     for section, schema in OPTIONAL_FIXED_SECTIONS.items():  # present only when given (e.g. `prune`)
         if section in raw:
             out[section] = _typed_section(section, raw.get(section), schema, section in allow_missing)

@@ -83,7 +83,7 @@ def sample(
     which batch it was drawn in.
 
     cache: a `ditk.cache` policy (build_policy) applied to this call's model evaluations; it accumulates
-    the NFE counts of its report. precision "bf16": autocast the model calls to bfloat16 (CUDA only).
+    the NFE counts of its report. precision "bf16": autocast the model calls to bfloat16 (CUDA or CPU).
     time_shift_window > 0: the time-shift sampler (TS-DDIM, see `TimeShift`; solver ddim only).
 
     step_hooks: objects that steer the loop per step (restoration, editing); see `StepHook`.
@@ -124,9 +124,11 @@ def sample(
         scheduler = TimeShift(scheduler, objective, solver, int(time_shift_window), int(time_shift_cutoff))
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"unknown precision '{precision}': use fp32 or bf16")
-    if precision == "bf16" and device.type != "cuda":
-        raise ConfigError("precision bf16 is autocast on a GPU: sample on --device cuda, or use --precision fp32")
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    if precision == "bf16" and device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"precision bf16 is autocast on CUDA or CPU, not {device.type}: use --precision fp32")
+    # bf16: the model calls autocast (CPU: oneDNN's bf16 matmuls, fast on AMX / AVX512-BF16 cores); the solver's
+    # arithmetic stays fp32.
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     if "generator" in inspect.signature(scheduler.step).parameters:
         step_kwargs["generator"] = generator
 
@@ -145,7 +147,13 @@ def sample(
     bar = tqdm(scheduler.timesteps, desc=f"{solver} {steps} steps", disable=not progress, file=sys.stderr, leave=False)
     # One cache session per call: fresh cache state, every evaluation of this loop keyed by its index.
     session = cache.session(model, len(scheduler.timesteps)) if cache is not None else contextlib.nullcontext()
-    with session:
+    # bf16: one (disabled) autocast region around the loop keeps autocast's cache of the weights' bf16 casts from one
+    # denoiser call to the next (torch drops it when the outermost autocast region exits) instead of re-casting every
+    # weight at every step; the weights do not change while sampling. Not with a hook that differentiates through
+    # the model (DPS), whose backward passes would share the cached casts.
+    keep_casts = precision == "bf16" and not needs_grad
+    casts = torch.autocast(device.type, dtype=torch.bfloat16, enabled=False) if keep_casts else contextlib.nullcontext()
+    with session, casts:
         for i, t in enumerate(bar):
             for hook in step_hooks:
                 if hasattr(hook, "step_begin"):

@@ -33,7 +33,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (DiT clips nothing)
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay min(ema_decay, (1+step)/(10+step)): useful for short runs
-    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU)
+    mixed_precision: str = "no"  # no | bf16 (CUDA, or CPU autocast: fast with AMX / AVX512-BF16) | fp16 (GPU)
     log_every: int = 100
     ckpt_every: int = 50_000
     sample_every: int = 0  # write a sample grid every N steps (0: only at the end)
@@ -63,6 +63,9 @@ class TrainConfig:
 @dataclass
 class RuntimeConfig:
     threads: int = 0  # torch's intra-op CPU threads (torch.set_num_threads); 0 = torch's default (OMP_NUM_THREADS)
+    # fp32 matmuls (torch.set_float32_matmul_precision): highest (fp32) | high (TF32 on CUDA) | medium (bf16 inside,
+    # on CPU too: AMX / AVX512-BF16)
+    matmul_precision: str = "highest"
 
 
 @dataclass
@@ -81,7 +84,7 @@ class SampleConfig:
     cache: str = "none"  # feature-cache policy (ditk.cache): none | fora | taylorseer | delta-dit | fbc | teacache
     cache_options: Dict[str, Any] = field(default_factory=dict)  # the policy's options, e.g. {interval: 4}
     compile: bool = False  # torch.compile the units the sampler runs (blocks, or the cached sub-modules)
-    precision: str = "fp32"  # fp32 | bf16 (autocast, GPU)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA or CPU)
     time_shift_window: int = 0  # > 0: time-shift sampler (TS-DDIM) choosing among this many training timesteps
     time_shift_cutoff: int = 300  # ... only while the nominal timestep is above this one (the authors' default)
 

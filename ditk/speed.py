@@ -18,6 +18,7 @@ from .errors import ConfigError
 
 OPTIM_IMPLS = ("auto", "foreach", "fused", "loop")
 COMPILE_MODES = ("none", "full", "regional")
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's values
 
 
 def _fused_supported(device: torch.device) -> bool:
@@ -98,6 +99,19 @@ def set_threads(cfg) -> None:
         raise ConfigError(f"runtime.threads={threads} must be >= 0 (0 = torch's default): fix it")
     if threads:
         torch.set_num_threads(threads)
+
+
+def set_matmul_precision(cfg) -> str:
+    """`runtime.matmul_precision`: torch.set_float32_matmul_precision for fp32 matmuls. `highest` (the default,
+    torch's) computes them in fp32; `medium` lets oneDNN compute fp32 matmuls and linear layers with bf16
+    products and fp32 accumulation on CPUs with bf16 units (AMX / AVX512-BF16; ~1e-3 relative error per matmul,
+    weights and activations stay fp32), and CUDA ones in TF32 or bf16; `high` = TF32 on CUDA (what
+    train.allow_tf32 already turns on there) and fp32 on CPU. Returns the value set."""
+    value = str(cfg.get("runtime", {}).get("matmul_precision", "highest"))
+    if value not in MATMUL_PRECISIONS:
+        raise ConfigError(f"runtime.matmul_precision={value!r} is not one of {', '.join(MATMUL_PRECISIONS)}: pick one")
+    torch.set_float32_matmul_precision(value)
+    return value
 
 
 # -- levers on the model ----------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from .build import (build_autoencoder, build_conditioner, build_dataset, build_m
 from .config import section_obj, to_yaml
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, ConfigError, RunFailed
 from .runs import RunDir, checkpoint_name, is_main_rank, load_state, load_weights, save_checkpoint, save_json
-from .speed import (_blocks, apply_model_levers, build_optimizer, optimizer_flags, restore_optimizer_flags, set_threads,
-                    update_ema)  # noqa: F401  (update_ema: re-exported, tests and distill import it from here)
+from .speed import (_blocks, apply_model_levers, build_optimizer, optimizer_flags, restore_optimizer_flags,
+                    set_matmul_precision, set_threads, update_ema)  # noqa: F401  (update_ema: re-exported, tests and distill import it from here)
 from .atomic import write_text
 
 
@@ -140,6 +140,8 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
 
     tc = cfg.train
     set_threads(cfg)
+    if set_matmul_precision(cfg) != "highest":  # before train.allow_tf32, which turns TF32 on for CUDA on top of it
+        log(f"fp32 matmul precision: {cfg.runtime.matmul_precision} (torch.set_float32_matmul_precision)")
     from . import fsdp
 
     fsdp.check_config(tc)

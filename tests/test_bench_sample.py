@@ -30,7 +30,7 @@ def test_bench_sample_dry_run_writes_its_table_and_json(tmp_path, capsys):
 
 
 def test_bench_sample_suite_dry_run(tmp_path):
-    """The GPU table's command on CPU: every preset, fp32 only (ditk samples in bf16 only on CUDA)."""
+    """The GPU table's command on CPU: every preset in fp32 and bf16 (autocast on CPU too)."""
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sample.py"
     spec = importlib.util.spec_from_file_location("bench_sample_suite", path)
     bench = importlib.util.module_from_spec(spec)
@@ -39,6 +39,8 @@ def test_bench_sample_suite_dry_run(tmp_path):
     result = bench.main(["--suite", "digits-dit", "--steps", "2", "--batch", "1", "--repeats", "1", "--warmup", "0",
                          "--device", "cpu", "--variant", "eager:sample.compile=false", "--json",
                          str(tmp_path / "s.json"), *tiny_model])
-    assert [(r["preset"], r["precision"]) for r in result] == [("digits-dit", "fp32")]
-    row = json.loads((tmp_path / "s.json").read_text())[0]["rows"][0]
-    assert row["variant"] == "eager" and row["solver"] == "ddpm" and row["cfg_scale"] == 4.0 and row["nfe"] == 2
+    assert [(r["preset"], r["precision"]) for r in result] == [("digits-dit", "fp32"), ("digits-dit", "bf16")]
+    rows = [table["rows"][0] for table in json.loads((tmp_path / "s.json").read_text())]
+    assert [r["precision"] for r in rows] == ["fp32", "bf16"]
+    for row in rows:
+        assert row["variant"] == "eager" and row["solver"] == "ddpm" and row["cfg_scale"] == 4.0 and row["nfe"] == 2

@@ -15,11 +15,17 @@ def test_bench_train_dry_run_writes_its_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     tiny_model = [o for o in TINY if o.startswith("model.")]
     result = bench.main(["--preset", "digits-dit", "--batch", "4", "--steps", "1", "--warmup", "0", "--device", "cpu",
-                         "--variant", "loop:optim.impl=loop", "--variant", "ckpt:train.activation_checkpointing=true",
+                         "--variant", "loop:optim.impl=loop",
+                         "--variant", "ckpt:train.activation_checkpointing=true,train.mixed_precision=bf16",
+                         "--variant", "medium:runtime.matmul_precision=medium",
                          "--json", str(out), *tiny_model])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {"loop", "ckpt"} and rows["loop"]["ratio"] == 1.0
+    assert set(rows) == {"loop", "ckpt", "medium"} and rows["loop"]["ratio"] == 1.0
+    # each row's precision is its own config's; MFU against a matmul ceiling measured in that precision
+    assert [rows[v]["precision"] for v in ("loop", "ckpt", "medium")] == ["fp32", "bf16", "fp32/medium"]
+    assert set(result["matmul_ceiling_gflops"]) == {"fp32", "bf16", "fp32/medium"}
+    assert __import__("torch").get_float32_matmul_precision() == "highest"  # the harness leaves torch's default
     for r in rows.values():
         assert r["step_ms"] > 0 and abs(r["images_per_s"] - 4e3 / r["step_ms"]) < 1e-6
         assert 0 <= r["data_wait_ms"] < r["step_ms"] and r["params"] == rows["loop"]["params"]

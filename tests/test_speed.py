@@ -144,3 +144,95 @@ def test_runtime_threads_sets_torch_threads_only_when_given():
             set_threads(resolve("digits-dit", ["runtime.threads=-1"]))
     finally:
         torch.set_num_threads(before)
+
+
+# -- precision levers: bf16 autocast (train.mixed_precision) and runtime.matmul_precision ---------------------------
+
+bf16_units = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                                reason="this CPU has no bf16 support in oneDNN (AVX512-BF16 / AMX)")
+
+
+def _train_recording_linears(tmp_path, name, extra):
+    """Three steps of the training loop; returns (losses, set of (output dtype, autocast on) seen at every
+    nn.Linear during them, torch's fp32 matmul precision afterwards)."""
+    from accelerate.state import AcceleratorState
+
+    from ditk.train import prepare_run_dir, train
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    cfg = resolve("digits-dit", [*TINY, "train.max_steps=3", f"run.name={name}", "train.num_workers=0", *extra])
+    path = tmp_path / name
+    cfg = prepare_run_dir(cfg, path, None)
+    seen = set()
+
+    def record(module, args, out):
+        if isinstance(module, torch.nn.Linear) and torch.is_grad_enabled():  # training forwards, not the sample grid
+            seen.add((out.dtype, torch.is_autocast_enabled("cpu")))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        assert train(cfg, path, progress=False) == 0
+    finally:
+        handle.remove()
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+    from ditk.runs import load_weights
+
+    losses = [json.loads(l)["loss"] for l in (path / "metrics.jsonl").read_text().splitlines()]
+    return losses, seen, precision, load_weights(path / "checkpoints" / "step-000003", "model")
+
+
+def test_bf16_autocast_takes_effect_on_cpu_and_fp32_stays_fp32(tmp_path):
+    from ditk.build import build_model
+
+    fp32, seen32, precision, w32 = _train_recording_linears(tmp_path, "fp32", [])
+    # off (the default): every linear layer computed in fp32, no autocast, fp32 matmuls at torch's default
+    # precision, i.e. the same kernels as before these levers existed
+    assert seen32 == {(torch.float32, False)} and precision == "highest"
+    bf16, seen16, _, w16 = _train_recording_linears(tmp_path, "bf16", ["train.mixed_precision=bf16"])
+    assert seen16 == {(torch.bfloat16, True)}  # accelerate autocasts the model's forward on CPU too
+    # The same run to bf16 accuracy. The first losses barely see the model (adaLN-Zero starts at the identity and
+    # Adam's first steps are ~lr * sign(gradient)), so the weights' updates tell bf16 from fp32 apart.
+    torch.testing.assert_close(torch.tensor(bf16), torch.tensor(fp32), rtol=2e-2, atol=0)
+    cfg = resolve("digits-dit", TINY)
+    torch.manual_seed(cfg.run.seed)  # the loop's initial weights
+    w0 = build_model(cfg).state_dict()
+    d32 = torch.cat([(w32[k] - w0[k]).flatten() for k in w0 if w0[k].is_floating_point()])
+    d16 = torch.cat([(w16[k] - w0[k]).flatten() for k in w0 if w0[k].is_floating_point()])
+    rel = ((d16 - d32).norm() / d32.norm()).item()
+    assert 0 < rel < 0.05  # measured 0.004
+
+
+def test_matmul_precision_is_applied_and_logged_by_the_training_loop(tmp_path, capfd):
+    _, _, precision, _ = _train_recording_linears(tmp_path, "medium", ["runtime.matmul_precision=medium"])
+    assert precision == "medium"  # (the helper restores torch's default afterwards)
+    assert "[ditk] fp32 matmul precision: medium" in capfd.readouterr().err
+
+
+@bf16_units
+def test_matmul_precision_medium_uses_bf16_inside_fp32_matmuls():
+    from ditk.speed import set_matmul_precision
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 256, generator=g), torch.randn(128, 256, generator=g)
+    exact = (x.double() @ w.double().T)
+    try:
+        assert set_matmul_precision(resolve("digits-dit")) == "highest"  # the default: torch's
+        highest = torch.nn.functional.linear(x, w)
+        assert set_matmul_precision(resolve("digits-dit", ["runtime.matmul_precision=medium"])) == "medium"
+        medium = torch.nn.functional.linear(x, w)
+        assert medium.dtype == torch.float32  # fp32 in and out; bf16 products inside
+        err = lambda y: ((y.double() - exact).norm() / exact.norm()).item()
+        assert err(highest) < 1e-6 and 1e-4 < err(medium) < 1e-2  # bf16 rounding of the inputs: ~2^-9
+        with pytest.raises(ConfigError, match="runtime.matmul_precision"):
+            set_matmul_precision(resolve("digits-dit", ["runtime.matmul_precision=low"]))
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
+def test_mixed_precision_no_on_the_command_line_reads_as_no():
+    # key=value overrides are YAML: a bare `no` is false, which accelerate would refuse with a traceback
+    assert resolve("digits-dit", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert resolve("digits-dit", ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        resolve("digits-dit", ["train.mixed_precision=fp8"])
