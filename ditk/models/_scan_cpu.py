@@ -10,7 +10,10 @@ decays stay in L1, and per element there is one exp and three multiply-adds, vec
 Being the plain recurrence, it is exact for any decay (no factorised form that could overflow). The work per
 token and channel (softplus, delta*u, D*u) is done in the same pass; sequences can be scanned from their
 end (the reversed branch of a bidirectional mixer, without flipped copies); `ConvSilu` is the mixer's
-depthwise conv + SiLU for both directions (causal and anti-causal), with its backward.
+depthwise conv + SiLU for both directions (causal and anti-causal), and `Gate` its output gate (sum of the
+directions, optional 1/2, SiLU(z)), each with its backward. `conv_silu`, `compiled_scan` and `gate` call the
+kernels without an autograd node when no gradient is needed: in small mixers (Dimba's tiny model) the
+Python and ctypes overhead of each call is as large as its arithmetic.
 
 Backward: the forward keeps the state entering every chunk of CHUNK tokens (T/CHUNK states). For each chunk, from
 the last, the backward recomputes the chunk's states and decays into a small buffer and runs the adjoint
