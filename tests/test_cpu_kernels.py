@@ -269,3 +269,30 @@ def test_compiled_mixer_variants_equal_the_pytorch_mixer(bidirectional, conv_bia
     with torch.no_grad():  # bfloat16 models keep working (the kernels take float32/64: the PyTorch conv path)
         half = ours.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert half.dtype == torch.bfloat16 and torch.isfinite(half.float()).all()
+
+
+@needs_compiler
+def test_fused_gate_equals_its_pytorch_form_with_gradients():
+    """The mixer's output gate (sum of directions, optional 1/2, SiLU(z) on a strided view of in_proj's
+    output) in one compiled pass: values and gradcheck against 0.5 * (y_fwd + y_rev) * silu(z), float64."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 2, 5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    xz = torch.randn(2, 5, 14, dtype=torch.float64, generator=g, requires_grad=True)
+    for scale in (0.5, 1.0):
+        out = _scan_cpu.gate(y, xz[..., 7:], scale)
+        torch.testing.assert_close(out, scale * y.sum(0) * F.silu(xz[..., 7:]), rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda a, b: _scan_cpu.gate(a, b[..., 7:], scale), (y, xz))
+    one = y[:1].detach().requires_grad_()  # one direction
+    assert torch.autograd.gradcheck(lambda a, b: _scan_cpu.gate(a, b[..., 7:]), (one, xz))
+
+
+@needs_compiler
+def test_compiled_mixer_inference_path_equals_the_training_path():
+    """Without gradients the mixer calls the kernels without autograd nodes (`conv_silu`, `compiled_scan`,
+    `gate`): the same output as with them."""
+    torch.manual_seed(2)
+    m = Mamba(8, d_state=3, bidirectional=True, divide_out=True, scan_backend="compiled")
+    x = torch.randn(3, 11, 8)
+    with torch.no_grad():
+        fast = m(x)
+    torch.testing.assert_close(fast, m(x.requires_grad_()).detach(), rtol=1e-6, atol=1e-7)

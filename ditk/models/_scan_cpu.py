@@ -10,7 +10,10 @@ decays stay in L1, and per element there is one exp and three multiply-adds, vec
 Being the plain recurrence, it is exact for any decay (no factorised form that could overflow). The work per
 token and channel (softplus, delta*u, D*u) is done in the same pass; sequences can be scanned from their
 end (the reversed branch of a bidirectional mixer, without flipped copies); `ConvSilu` is the mixer's
-depthwise conv + SiLU for both directions (causal and anti-causal), with its backward.
+depthwise conv + SiLU for both directions (causal and anti-causal), and `Gate` its output gate (sum of the
+directions, optional 1/2, SiLU(z)), each with its backward. `conv_silu`, `compiled_scan` and `gate` call the
+kernels without an autograd node when no gradient is needed: in small mixers (Dimba's tiny model) the
+Python and ctypes overhead of each call is as large as its arithmetic.
 
 Backward: the forward keeps the state entering every chunk of CHUNK tokens (T/CHUNK states). For each chunk, from
 the last, the backward recomputes the chunk's states and decays into a small buffer and runs the adjoint
@@ -486,6 +489,57 @@ void conv_silu_backward(int64_t nd, int64_t N, int64_t L, int64_t d, int64_t k, 
             }
 }
 
+// The mixer's output gate for every direction at once: out (N, L, d) = scale (y_0 + ... + y_{nd-1}) silu(z),
+// y (nd, N, L, d) contiguous (the scan's output per direction), z (N, L, d) with sequence stride ldn and token
+// stride ldz (a view of in_proj's output), scale 1 or 1/2 (`divide_out`).
+template <typename T>
+void gate_forward(int64_t nd, int64_t N, int64_t L, int64_t d, int64_t ldn, int64_t ldz, T scale, const T* y,
+                  const T* z, T* out) {
+    const int64_t plane = N * L * d;
+    for (int64_t q = 0; q < N; ++q)
+        for (int64_t t = 0; t < L; ++t) {
+            const int64_t row = (q * L + t) * d;
+            const T* __restrict zr = z + q * ldn + t * ldz;
+            T* __restrict o = out + row;
+            for (int64_t c = 0; c < d; ++c) o[c] = y[row + c];
+            for (int64_t j = 1; j < nd; ++j) {
+                const T* __restrict yj = y + j * plane + row;
+#pragma omp simd
+                for (int64_t c = 0; c < d; ++c) o[c] += yj[c];
+            }
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) o[c] = scale * o[c] * (zr[c] / (T(1) + exp_f(-zr[c])));
+        }
+}
+
+// Gradients: g_y (N, L, d), the same for every direction (scale silu(z) g), and g_z (N, L, d) contiguous;
+// silu'(z) = s (1 + z (1 - s)), s = sigmoid(z).
+template <typename T>
+void gate_backward(int64_t nd, int64_t N, int64_t L, int64_t d, int64_t ldn, int64_t ldz, T scale, const T* y,
+                   const T* z, const T* g, T* g_y, T* g_z) {
+    const int64_t plane = N * L * d;
+    for (int64_t q = 0; q < N; ++q)
+        for (int64_t t = 0; t < L; ++t) {
+            const int64_t row = (q * L + t) * d;
+            const T* __restrict zr = z + q * ldn + t * ldz;
+            const T* __restrict gr = g + row;
+            T* __restrict gz = g_z + row;
+            for (int64_t c = 0; c < d; ++c) gz[c] = y[row + c];
+            for (int64_t j = 1; j < nd; ++j) {
+                const T* __restrict yj = y + j * plane + row;
+#pragma omp simd
+                for (int64_t c = 0; c < d; ++c) gz[c] += yj[c];
+            }
+            T* __restrict gy = g_y + row;
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) {
+                const T sig = T(1) / (T(1) + exp_f(-zr[c])), gs = scale * gr[c];
+                gy[c] = gs * zr[c] * sig;
+                gz[c] = gs * gz[c] * sig * (T(1) + zr[c] * (T(1) - sig));
+            }
+        }
+}
+
 }  // namespace
 
 // G sequences: dt, u (G, L, d); A (G, n, d); B, C (G, L, n); bias, D (G, d) or null; y (G, L, d);
@@ -529,6 +583,17 @@ DITK_SCAN_API(double, f64)
     }
 DITK_CONV_API(float, f32)
 DITK_CONV_API(double, f64)
+#define DITK_GATE_API(T, SUF)                                                                                  \
+    void gate_forward_##SUF(int64_t nd, int64_t N, int64_t L, int64_t d, int64_t ldn, int64_t ldz, T scale,    \
+                            const T* y, const T* z, T* out) {                                                  \
+        gate_forward<T>(nd, N, L, d, ldn, ldz, scale, y, z, out);                                              \
+    }                                                                                                          \
+    void gate_backward_##SUF(int64_t nd, int64_t N, int64_t L, int64_t d, int64_t ldn, int64_t ldz, T scale,   \
+                             const T* y, const T* z, const T* g, T* g_y, T* g_z) {                             \
+        gate_backward<T>(nd, N, L, d, ldn, ldz, scale, y, z, g, g_y, g_z);                                     \
+    }
+DITK_GATE_API(float, f32)
+DITK_GATE_API(double, f64)
 }
 """
 
@@ -538,7 +603,56 @@ _I64 = ctypes.c_int64
 
 def library():
     """The compiled scan library, or None (no compiler, disabled, or the build failed)."""
-    return _cpu_kernels.load(NAME, SOURCE)
+    lib = _cpu_kernels.load(NAME, SOURCE)
+    if lib is not None and not getattr(lib, "_ditk_typed", False):
+        _declare(lib)
+    return lib
+
+
+_P = ctypes.c_void_p
+
+
+def _declare(lib) -> None:
+    """Argument types of the exported functions, so that calls pass Python ints and data pointers straight
+    through (building a ctypes object per argument costs ~1 us each, noticeable in small mixers)."""
+    i64, i32 = _I64, ctypes.c_int
+    for suf in _SUFFIX.values():
+        getattr(lib, "scan_forward_" + suf).argtypes = [i64] * 5 + [i32] * 2 + [_P] * 9
+        getattr(lib, "scan_backward_" + suf).argtypes = [i64] * 5 + [i32] * 2 + [_P] * 15
+        getattr(lib, "conv_silu_forward_" + suf).argtypes = [i64] * 7 + [_P] * 4
+        getattr(lib, "conv_silu_backward_" + suf).argtypes = [i64] * 7 + [_P] * 7
+        real = ctypes.c_float if suf == "f32" else ctypes.c_double
+        getattr(lib, "gate_forward_" + suf).argtypes = [i64] * 6 + [real] + [_P] * 3
+        getattr(lib, "gate_backward_" + suf).argtypes = [i64] * 6 + [real] + [_P] * 5
+    lib._ditk_typed = True
+
+
+def _addr(t):
+    """A contiguous tensor's data pointer as an int for a typed call (None -> NULL)."""
+    return None if t is None else t.data_ptr()
+
+
+def scan_forward(lib, dt, u, A, B, C, bias, D, softplus: bool, reverse_from: int, states=None):
+    """One call of the forward kernel on contiguous tensors of one dtype (no autograd): y (G, L, d), and the
+    chunk-entry states written into `states` (G, ceil(L/CHUNK), n, d) when it is given."""
+    groups, length, d = dt.shape
+    y = torch.empty_like(dt)
+    getattr(lib, "scan_forward_" + _SUFFIX[dt.dtype])(
+        groups, length, d, A.shape[1], CHUNK, int(softplus), reverse_from, dt.data_ptr(), _addr(bias),
+        u.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(), _addr(D), y.data_ptr(), _addr(states))
+    return y
+
+
+def conv_silu_forward(lib, x, weight, bias):
+    """One call of the conv + SiLU kernel (no autograd): x (N, L, d) with unit channel stride, weight (nd, k, d)
+    and bias (nd, d) contiguous -> u (nd, N, L, d)."""
+    nd, k, d = weight.shape
+    n_seq, length = x.shape[:2]
+    u = x.new_empty(nd, n_seq, length, d)
+    getattr(lib, "conv_silu_forward_" + _SUFFIX[x.dtype])(
+        nd, n_seq, length, d, k, x.stride(0), x.stride(1), x.data_ptr(), weight.data_ptr(), _addr(bias),
+        u.data_ptr())
+    return u
 
 
 def vectorised_forward() -> bool:
@@ -564,12 +678,8 @@ class CompiledScan(torch.autograd.Function):
         bias, D = (None if x is None else x.contiguous() for x in (bias, D))
         groups, length, d = dt.shape
         n = A.shape[1]
-        y = torch.empty_like(dt)
         states = dt.new_empty(groups, -(-length // CHUNK), n, d) if any(ctx.needs_input_grad) else None
-        p = _cpu_kernels.ptr
-        getattr(library(), "scan_forward_" + _SUFFIX[dt.dtype])(
-            _I64(groups), _I64(length), _I64(d), _I64(n), _I64(CHUNK), ctypes.c_int(int(softplus)),
-            ctypes.c_int(reverse_from), p(dt), p(bias), p(u), p(A), p(B), p(C), p(D), p(y), p(states))
+        y = scan_forward(library(), dt, u, A, B, C, bias, D, softplus, reverse_from, states)
         ctx.softplus, ctx.reverse_from = softplus, reverse_from
         ctx.has = (bias is not None, D is not None)
         ctx.save_for_backward(dt, u, A, B, C, bias, D, states)
@@ -601,7 +711,14 @@ def compiled_scan(dt, u, A, B, C, bias=None, D=None, softplus=False, reverse_fro
     groups, _, d = dt.shape
     bias, D = (None if x is None else x.to(dt.dtype).expand(groups, d) for x in (bias, D))
     reverse_from = groups if reverse_from is None else int(reverse_from)
+    if not _needs_grad(dt, u, A, B, C, bias, D):  # inference: the kernel alone, no autograd node
+        dt, u, A, B, C, bias, D = (None if x is None else x.contiguous() for x in (dt, u, A, B, C, bias, D))
+        return scan_forward(library(), dt, u, A, B, C, bias, D, bool(softplus), reverse_from)
     return CompiledScan.apply(dt, u, A, B, C, bias, D, bool(softplus), reverse_from)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class ConvSilu(torch.autograd.Function):
@@ -613,15 +730,9 @@ class ConvSilu(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         if x.stride(-1) != 1:
             x = x.contiguous()
-        nd, k, d = weight.shape
-        n_seq, length = x.shape[:2]
         weight = weight.contiguous()
         bias = None if bias is None else bias.contiguous()
-        u = x.new_empty(nd, n_seq, length, d)
-        p = _cpu_kernels.ptr
-        getattr(library(), "conv_silu_forward_" + _SUFFIX[x.dtype])(
-            _I64(nd), _I64(n_seq), _I64(length), _I64(d), _I64(k), _I64(x.stride(0)), _I64(x.stride(1)), p(x),
-            p(weight), p(bias), p(u))
+        u = conv_silu_forward(library(), x, weight, bias)
         ctx.save_for_backward(x, weight, bias)
         return u
 
@@ -638,3 +749,54 @@ class ConvSilu(torch.autograd.Function):
             _I64(nd), _I64(n_seq), _I64(length), _I64(d), _I64(k), _I64(x.stride(0)), _I64(x.stride(1)), p(x),
             p(weight), p(bias), p(gu), p(g_x), p(g_w), p(g_b))
         return g_x, g_w, (g_b if bias is not None else None)
+
+
+def conv_silu(x, weight, bias=None):
+    """`ConvSilu` (see there), without an autograd node when no gradient is needed (inference)."""
+    if _needs_grad(x, weight, bias):
+        return ConvSilu.apply(x, weight, bias)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return conv_silu_forward(library(), x, weight.contiguous(), None if bias is None else bias.contiguous())
+
+
+class Gate(torch.autograd.Function):
+    """out (N, L, d) = scale * (sum over directions of y (nd, N, L, d)) * silu(z): the mixer's output gate in one
+    pass. z (N, L, d) may be a view with unit channel stride (the second half of in_proj's output)."""
+
+    @staticmethod
+    def forward(ctx, y, z, scale):
+        y = y.contiguous()
+        if z.stride(-1) != 1:
+            z = z.contiguous()
+        ctx.scale = scale
+        ctx.save_for_backward(y, z)
+        return gate_forward(library(), y, z, scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        y, z = ctx.saved_tensors
+        nd, n_seq, length, d = y.shape
+        g = grad.contiguous().to(y.dtype)
+        g_y, g_z = torch.empty_like(g), torch.empty_like(g)
+        getattr(library(), "gate_backward_" + _SUFFIX[y.dtype])(
+            nd, n_seq, length, d, z.stride(0), z.stride(1), ctx.scale, y.data_ptr(), z.data_ptr(), g.data_ptr(),
+            g_y.data_ptr(), g_z.data_ptr())
+        return g_y.unsqueeze(0).expand(nd, n_seq, length, d), g_z, None
+
+
+def gate_forward(lib, y, z, scale: float):
+    """One call of the gate kernel (no autograd): y (nd, N, L, d) contiguous, z (N, L, d) unit channel stride."""
+    nd, n_seq, length, d = y.shape
+    out = y.new_empty(n_seq, length, d)
+    getattr(lib, "gate_forward_" + _SUFFIX[y.dtype])(
+        nd, n_seq, length, d, z.stride(0), z.stride(1), scale, y.data_ptr(), z.data_ptr(), out.data_ptr())
+    return out
+
+
+def gate(y, z, scale: float = 1.0):
+    """`Gate` (see there), without an autograd node when no gradient is needed (inference)."""
+    if _needs_grad(y, z):
+        return Gate.apply(y, z, float(scale))
+    return gate_forward(library(), y.contiguous(), z if z.stride(-1) == 1 else z.contiguous(), float(scale))

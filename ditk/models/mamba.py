@@ -456,6 +456,8 @@ class Mamba(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if _use_kernel(self.scan_backend, hidden_states):
             return self._forward_kernel(hidden_states)
+        if self.scan.compiled(hidden_states):
+            return self._forward_compiled(hidden_states)
         # PyTorch path: token-major (N, L, .) throughout, both directions stacked as one batch of 2N sequences
         # (the reversed one flipped in time) so that every step below is one call for both.
         n_seq, length, _ = hidden_states.shape
@@ -465,14 +467,8 @@ class Mamba(nn.Module):
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (N, L, d_inner) each
         conv_w = torch.stack([c.weight[:, 0] for c, *_ in dirs])  # (nd, d, k)
         conv_b = torch.stack([c.bias for c, *_ in dirs]) if dirs[0][0].bias is not None else None
-        # Compiled CPU kernels: the reversed direction is computed on the unflipped sequence (anti-causal conv,
-        # scan from the end), so nothing is flipped. Otherwise the reversed sequence is a flipped copy.
-        compiled = self.scan.compiled(x)
-        if compiled:
-            u = _scan_cpu.ConvSilu.apply(x, conv_w.transpose(1, 2), conv_b)  # (nd, N, L, d)
-        else:
-            xs = x.unsqueeze(0) if nd == 1 else torch.stack([x, x.flip(1)])  # (nd, N, L, d)
-            u = F.silu(causal_conv_tokens(xs, conv_w, conv_b))  # (nd, N, L, d)
+        xs = x.unsqueeze(0) if nd == 1 else torch.stack([x, x.flip(1)])  # (nd, N, L, d)
+        u = F.silu(causal_conv_tokens(xs, conv_w, conv_b))  # (nd, N, L, d)
         proj = torch.matmul(u.view(nd, -1, d), torch.stack([p.weight for _, p, *_ in dirs]).transpose(1, 2))
         dt, B, C = torch.split(proj, [r, n, n], dim=-1)  # (nd, N L, .)
         dt_w = torch.stack([p.weight for _, _, p, *_ in dirs]).transpose(1, 2)  # (nd, r, d)
@@ -486,16 +482,49 @@ class Mamba(nn.Module):
         D = per_seq(torch.stack([dd for *_, dd in dirs]))  # (nd N, d)
         A = per_seq(-torch.exp(torch.stack([a for *_, a, _ in dirs]).to(f)).transpose(1, 2))  # (nd N, n, d)
         uf = u.to(f).view(nd * n_seq, length, d)
-        # y = scan + D u, delta = softplus(dt + dt_bias): one call (one compiled pass on CPU)
+        # y = scan + D u, delta = softplus(dt + dt_bias): one call
         y = self.scan(uf, dt, A, B.to(f).reshape(nd * n_seq, length, n), C.to(f).reshape(nd * n_seq, length, n),
-                      D, dt_b, True, reverse_from=n_seq if compiled else None).view(nd, n_seq, length, d)
+                      D, dt_b, True).view(nd, n_seq, length, d)
         if nd == 2:
-            y = y[0] + (y[1] if compiled else y[1].flip(1))
+            y = y[0] + y[1].flip(1)
             if self.divide_out:
                 y = y / 2
         else:
             y = y[0]
         y = (y * F.silu(z.to(f))).to(hidden_states.dtype)
+        return self.out_proj(self.out_hook(y))
+
+    def _forward_compiled(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`forward` with the compiled CPU kernels (float32/64 CPU tensors, `ditk.models._scan_cpu`): the
+        reversed direction is computed on the unflipped sequence (anti-causal conv, scan from the end), so
+        nothing is flipped, the scan runs in the input's dtype (no casts), and without gradients the kernels are
+        called without autograd nodes. Same maths as the PyTorch path, in as few calls as possible: in small
+        mixers (Dimba's tiny model: d_inner 128, d_state 4, 256 tokens) a PyTorch or ctypes call costs
+        2-10 us, as much as a step's arithmetic."""
+        n_seq, length, _ = hidden_states.shape
+        d, n, r = self.d_inner, self.d_state, self.dt_rank
+        dirs = self._directions()
+        nd, groups = len(dirs), len(dirs) * n_seq
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (N, L, d_inner) each, views with unit stride
+        conv_w = torch.stack([c.weight for c, *_ in dirs]).view(nd, d, -1).transpose(1, 2)  # (nd, k, d)
+        conv_b = None if self.conv1d.bias is None else torch.stack([c.bias for c, *_ in dirs])
+        u = _scan_cpu.conv_silu(x, conv_w, conv_b)  # (nd, N, L, d): conv + SiLU of both directions
+        proj = torch.matmul(u.view(nd, -1, d), torch.stack([p.weight for _, p, *_ in dirs]).transpose(1, 2))
+        dt = torch.bmm(proj[..., :r], torch.stack([p.weight for _, _, p, *_ in dirs]).transpose(1, 2))
+        B = proj[..., r:r + n].reshape(groups, length, n)  # views: (nd, N L, .) -> (nd N, L, .)
+        C = proj[..., r + n:].reshape(groups, length, n)
+
+        def per_seq(x):  # (nd, ...) per direction -> (nd N, ...) per scanned sequence
+            return x if n_seq == 1 else x.repeat_interleave(n_seq, dim=0)
+
+        A = per_seq(-torch.exp(torch.stack([a for *_, a, _ in dirs])).transpose(1, 2))  # (nd N, n, d)
+        dt_b = per_seq(torch.stack([p.bias for _, _, p, *_ in dirs]))  # (nd N, d)
+        D = per_seq(torch.stack([dd for *_, dd in dirs]))  # (nd N, d)
+        # y = scan + D u, delta = softplus(dt + dt_bias): one compiled pass; sequences >= N scanned from the end
+        y = self.scan(u.view(groups, length, d), dt.view(groups, length, d), A, B, C, D, dt_b, True,
+                      reverse_from=n_seq).view(nd, n_seq, length, d)
+        # (y_fwd + y_rev) (/ 2) * silu(z): one compiled pass
+        y = _scan_cpu.gate(y, z, 0.5 if nd == 2 and self.divide_out else 1.0)
         return self.out_proj(self.out_hook(y))
 
 
