@@ -6,9 +6,9 @@
         [--json out.json] [KEY=VALUE ...]
     python benchmarks/bench_sample.py --suite dit-s-2,dit-b-2,dit-xl-2 --device cuda --batch 32 --json gpu-sample.json
 
-The second is the whole GPU sampling table (each preset in fp32 and bf16, eager and compiled, 50 DDPM steps with
-guidance 4.0 unless --steps/--solver/--cfg-scale say otherwise); it has not been run (no GPU here). bf16 is autocast
-on CUDA and on CPU (oneDNN's bf16 kernels; fast on AMX / AVX512-BF16 cores).
+The second is the whole GPU sampling table (each preset in fp32 and bf16, eager, compiled and compiled with CUDA
+graphs, 50 DDPM steps with guidance 4.0 unless --steps/--solver/--cfg-scale say otherwise); it has not been run (no
+GPU here). bf16 is autocast on CUDA and on CPU (oneDNN's bf16 kernels; fast on AMX / AVX512-BF16 cores).
 
 Each variant is ditk's sampling loop (`ditk.sampling.sample`, what `ditk sample` runs, with the feature-cache
 policy and compiled units of `ditk.generate.sample_images`) on one batch of latents, under the preset plus the
@@ -82,6 +82,11 @@ class CallCounter:
         return counted
 
 
+# --suite's variants: eager, compiled, and on CUDA compiled with CUDA graphs (static shapes while sampling)
+SUITE_VARIANTS = ["eager:sample.compile=false", "compiled:sample.compile=true",
+                  "graphs:sample.compile=true,sample.cuda_graphs=true"]
+
+
 def ditk_variant(cfg, base_model, args, device):
     """ditk's sampling of one batch for one setting; returns (run function, config, call counter)."""
     from ditk.cache.pipeline import compiled_units, policy_for
@@ -105,7 +110,7 @@ def ditk_variant(cfg, base_model, args, device):
     @torch.no_grad()
     def run():
         gens = [torch.Generator().manual_seed(i) for i in range(args.batch)]
-        with compiled_units(model, policy, sc.compile):
+        with compiled_units(model, policy, sc.compile, sc.cuda_graphs):
             return sample(model, objective, noise, cond, uncond, solver=sc.solver, steps=sc.steps,
                           cfg_scale=sc.cfg_scale, cfg_channels=sc.cfg_channels, generator=gens,
                           solver_options=dict(sc.solver_options), cache=policy, precision=sc.precision)
@@ -198,8 +203,8 @@ def main(argv=None):
                         help="comma-separated: one official row per precision, fp32 and/or bf16 (default: --precision)")
     parser.add_argument("--json", default="", help="write the results here as JSON")
     parser.add_argument("--suite", default="",
-                        help="comma-separated presets: run each in fp32 and bf16, variants (default) eager and "
-                             "compiled (sample.compile=true); e.g. the GPU table: dit-s-2,dit-b-2,dit-xl-2")
+                        help="comma-separated presets: run each in fp32 and bf16, variants (default) eager, "
+                             "compiled (sample.compile=true) and, on CUDA, compiled with CUDA graphs; e.g. the GPU table: dit-s-2,dit-b-2,dit-xl-2")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--steps, --batch and --repeats must be >= 1, --warmup >= 0")
@@ -217,8 +222,7 @@ def main(argv=None):
                                             "official_precision": "",
                                             "cfg_scale": 4.0 if args.cfg_scale is None else args.cfg_scale,
                                             "solver": args.solver or "ddpm",
-                                            "variant": args.variant or ["eager:sample.compile=false",
-                                                                        "compiled:sample.compile=true"]})
+                                            "variant": args.variant or SUITE_VARIANTS[:3 if args.device == "cuda" else 2]})
                 result.append(run(one))
                 gc.collect()  # free one configuration's models before the next
                 if torch.cuda.is_available():

@@ -88,6 +88,10 @@ def load_pipeline(source: str, preset: Optional[str] = None, overrides: Sequence
         class_names = None
         run_dir = None
     dev = pick_device(device)
+    if cfg.sample.cuda_graphs:  # before anything is built or written
+        from .cache.pipeline import check_cuda_graphs
+
+        check_cuda_graphs(dev, cfg.sample.compile)
     model = build_model(cfg)
     objective = build_objective(cfg)
     if not objective.solvers:  # e.g. A-JEPA, an encoder: say so before anything else is built or drawn
@@ -162,7 +166,7 @@ def sample_images(pipe: Pipeline, indices: Sequence[int], progress: bool = False
         cond = pipe.conditioner.cond(labels.to(pipe.device))
     uncond = pipe.conditioner.uncond(len(indices), pipe.device) if sc.cfg_scale != 1.0 else None
     policy = cache if cache is not None else policy_for(pipe)
-    with compiled_units(model, policy, sc.compile):
+    with compiled_units(model, policy, sc.compile, sc.cuda_graphs):
         latents = sample(model, pipe.objective, noise, cond, uncond, solver=sc.solver, steps=sc.steps,
                          cfg_scale=sc.cfg_scale, cfg_channels=sc.cfg_channels, generator=gens, progress=progress,
                          solver_options=dict(sc.solver_options), cache=policy, precision=sc.precision,
@@ -243,7 +247,7 @@ def generate_to_dir(pipe: Pipeline, out_dir: Path, progress: bool = True, compar
         "device": str(pipe.device), "settings": json.loads(json.dumps(dict(_plain(sc)))),
         "seconds_per_image": round(seconds / len(todo), 5) if todo else None,
         "peak_rss_mb": peak_rss_mb(),
-        "cache": policy.report(), "compile": cache_layer.compile_report(sc.compile),
+        "cache": policy.report(), "compile": cache_layer.compile_report(sc.compile, sc.cuda_graphs),
     }
     if unconditional:  # say so: the sample section's class_labels was not used
         report["conditioning"] = "unconditional"

@@ -84,6 +84,7 @@ class SampleConfig:
     cache: str = "none"  # feature-cache policy (ditk.cache): none | fora | taylorseer | delta-dit | fbc | teacache
     cache_options: Dict[str, Any] = field(default_factory=dict)  # the policy's options, e.g. {interval: 4}
     compile: bool = False  # torch.compile the units the sampler runs (blocks, or the cached sub-modules)
+    cuda_graphs: bool = False  # with compile on CUDA: capture each compiled unit as a CUDA graph and replay it
     precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA or CPU)
     time_shift_window: int = 0  # > 0: time-shift sampler (TS-DDIM) choosing among this many training timesteps
     time_shift_cutoff: int = 300  # ... only while the nominal timestep is above this one (the authors' default)

@@ -423,8 +423,15 @@ def test_cli_cache_report_compare_and_compile(trained_run, tmp_path, capsys, mon
     plain = tmp_path / "plain"
     assert ditk(capsys, "sample", trained_run, *args, "--compile", "--out", plain)[0] == 0
     np.testing.assert_array_equal(np.load(plain / "samples.npz")["arr_0"], full)
-    assert _report(plain)["compile"] == {"requested": True, "backend": "eager", "active": True, "note": None}
+    assert _report(plain)["compile"] == {"requested": True, "backend": "eager", "cuda_graphs": False, "active": True,
+                                         "note": None}
     assert _report(plain)["cache"]["full_evaluations"] == 7
+    # CUDA graphs need the model on CUDA and the compiled units: one line each, exit 2, nothing written.
+    for extra, words in (([], "--device cuda"), (["--compile"], "--device cuda")):
+        code, _, stderr = ditk(capsys, "sample", trained_run, *args, *extra, "sample.cuda_graphs=true",
+                               "--out", tmp_path / "graphs")
+        assert code == 2 and words in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "graphs").exists()
     code, _, stderr = ditk(capsys, "sample", trained_run, *args, "--cache", "fora", "--cache-opt", "intervall=3",
                            "--out", tmp_path / "x")
     assert code == 2 and "did you mean 'interval'" in stderr
@@ -470,3 +477,31 @@ def test_policies_are_abstract():
 
     with pytest.raises(TypeError, match="abstract"):
         CachePolicy()
+
+
+def test_cuda_graph_units_compile_in_reduce_overhead_mode_and_return_copies(monkeypatch):
+    """sample.cuda_graphs: each unit is compiled with mode="reduce-overhead" (inductor's CUDA graphs), a new
+    graph step is marked before each call, and the caller gets a copy of the outputs: a replay overwrites the
+    graph's output buffers, while caches and multistep solvers keep earlier outputs. (The capture itself needs
+    a GPU; this checks what ditk asks of torch.)"""
+    from ditk.cache import pipeline
+
+    calls, buffer = [], torch.zeros(3)
+
+    def fake_compile(fn, backend=None, mode=None):
+        calls.append(mode)
+
+        def replay(x):  # what a CUDA graph replay does: the same output storage every call
+            buffer.copy_(fn(x))
+            return buffer, {"aux": buffer}
+        return replay
+
+    steps = []
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    unit = pipeline._Compiled(lambda x: x * 2, "inductor", cuda_graphs=True)
+    first, aux = unit(torch.ones(3))
+    second, _ = unit(torch.full((3,), 5.0))
+    assert calls == ["reduce-overhead"] and len(steps) == 2
+    assert first.tolist() == [2.0] * 3 and aux["aux"].tolist() == [2.0] * 3 and second.tolist() == [10.0] * 3
+    assert pipeline._Compiled(lambda x: x, "inductor").cuda_graphs is False and calls[-1] is None

@@ -82,7 +82,7 @@ def sample_spectrograms(pipe, indices: Sequence[int], frames: Optional[int] = No
     stride = max(patch, int(round(window * (1 - overlap) / patch)) * patch)
     model = MultiDiffusion(pipe.model, window, stride) if width > window else pipe.model
     policy = cache if cache is not None else policy_for(pipe)
-    with compiled_units(model, policy, sc.compile):
+    with compiled_units(model, policy, sc.compile, sc.cuda_graphs):
         latents = sample(model, pipe.objective, noise, cond, uncond, solver=sc.solver, steps=sc.steps,
                          cfg_scale=sc.cfg_scale, cfg_channels=sc.cfg_channels, generator=gens, progress=progress,
                          solver_options=dict(sc.solver_options), cache=policy)
@@ -169,7 +169,7 @@ def generate_audio_to_dir(pipe, out_dir: Path, progress: bool = True, duration: 
         "peak_rss_mb": peak_rss_mb(),
         "settings": json.loads(json.dumps(_plain(sc))),
         # NFE per block, per trajectory = one window of one clip's conditional or unconditional pass
-        "cache": policy.report(), "compile": cache_layer.compile_report(sc.compile),
+        "cache": policy.report(), "compile": cache_layer.compile_report(sc.compile, sc.cuda_graphs),
     }
     save_json(out_dir / "report.json", report)
     return report

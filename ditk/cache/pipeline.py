@@ -75,14 +75,22 @@ class _CompileState:
 
 
 class _Compiled:
-    def __init__(self, forward, backend: str):
+    def __init__(self, forward, backend: str, cuda_graphs: bool = False):
         self.eager = forward
-        self.compiled = torch.compile(forward, backend=backend)
+        self.cuda_graphs = cuda_graphs
+        # mode="reduce-overhead": inductor records each shape's kernels as a CUDA graph and replays it, removing
+        # the per-kernel launch cost that dominates small batches on a GPU (shapes are static while sampling)
+        self.compiled = torch.compile(forward, backend=backend, mode="reduce-overhead" if cuda_graphs else None)
 
     def __call__(self, *args, **kwargs):
         if _CompileState.failed is None:
             try:
-                return self.compiled(*args, **kwargs)
+                if not self.cuda_graphs:
+                    return self.compiled(*args, **kwargs)
+                torch.compiler.cudagraph_mark_step_begin()
+                # A replay writes into the graph's own output buffers: clone, since callers keep outputs across
+                # calls (a cache's stored features, a multistep solver's previous model outputs).
+                return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, self.compiled(*args, **kwargs))
             except Exception as e:  # a missing compiler / unsupported backend; a model bug fails again below
                 _CompileState.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                 print(f"[ditk] note: torch.compile is unavailable here ({_CompileState.failed}); running eager",
@@ -96,11 +104,14 @@ def compile_backend() -> str:
 
 
 @contextlib.contextmanager
-def compiled_units(model, policy, enabled: bool):
+def compiled_units(model, policy, enabled: bool, cuda_graphs: bool = False):
     """While active, the units the policy runs (DiT blocks with no cache; the attention / MLP modules for
     FORA and TaylorSeer; blocks for the block-level policies) use a torch.compile'd forward. Only these are
     compiled, so the cache's Python decisions stay outside the compiled graphs; a unit keeps its compiled
-    function across calls (compiled once per shape)."""
+    function across calls (compiled once per shape). cuda_graphs (`sample.cuda_graphs`): also capture each
+    unit's kernels as CUDA graphs and replay them."""
+    if cuda_graphs:
+        check_cuda_graphs(next(model.parameters()).device, enabled)
     if not enabled:
         yield
         return
@@ -110,9 +121,9 @@ def compiled_units(model, policy, enabled: bool):
         for owner, attr in units:
             if attr in owner.__dict__:
                 continue
-            key = "_ditk_compiled" if attr == "forward" else f"_ditk_compiled_{attr}"
+            key = ("_ditk_compiled" if attr == "forward" else f"_ditk_compiled_{attr}") + ("_graphs" if cuda_graphs else "")
             if key not in owner.__dict__:  # compiled once per module, kept for later calls
-                setattr(owner, key, _Compiled(getattr(owner, attr), compile_backend()))
+                setattr(owner, key, _Compiled(getattr(owner, attr), compile_backend(), cuda_graphs))
             setattr(owner, attr, owner.__dict__[key])
             touched.append((owner, attr))
         yield
@@ -121,11 +132,20 @@ def compiled_units(model, policy, enabled: bool):
             delattr(owner, attr)
 
 
-def compile_report(enabled: bool) -> dict:
+def check_cuda_graphs(device: torch.device, compiled: bool) -> None:
+    """`sample.cuda_graphs=true` needs what it captures: compiled units on a CUDA device."""
+    if device.type != "cuda":
+        raise ConfigError(f"sample.cuda_graphs=true replays CUDA graphs, but the model is on {device.type}: "
+                          "sample with --device cuda, or drop the key")
+    if not compiled:
+        raise ConfigError("sample.cuda_graphs=true captures the compiled units: add --compile (sample.compile=true)")
+
+
+def compile_report(enabled: bool, cuda_graphs: bool = False) -> dict:
     if not enabled:
         return {"requested": False}
-    return {"requested": True, "backend": compile_backend(), "active": _CompileState.failed is None,
-            "note": _CompileState.failed}
+    return {"requested": True, "backend": compile_backend(), "cuda_graphs": cuda_graphs,
+            "active": _CompileState.failed is None, "note": _CompileState.failed}
 
 
 # -- TeaCache calibration -------------------------------------------------------------------------------------
