@@ -22,6 +22,33 @@ def run_ditk(*args, cwd=None, env=None, timeout=300, check=False):
     return proc
 
 
+def torchrun(*args, timeout=240):
+    """`python -m torch.distributed.run --nproc_per_node 2 ARGS...` (gloo on the CPU) on a free port, one thread
+    per process, tests/ importable (for tests/distributed_runs.py); asserts that it succeeded and returns its
+    stderr. Its own process group, so that a timeout stops the workers too (killing torchrun alone would orphan
+    them)."""
+    import signal
+    import socket
+    from pathlib import Path
+
+    with socket.socket() as sock:  # a free port, so parallel test runs do not meet
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tests = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        raise AssertionError(f"the two-process run did not finish in {timeout} s:\n{stderr[-3000:]}") from None
+    assert proc.returncode == 0, stderr[-3000:]
+    return stderr
 
 
 class Result:

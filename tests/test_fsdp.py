@@ -2,9 +2,6 @@
 checkpoints, single-file weights that `ditk sample` reads, one-line configuration errors."""
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ditk_testing import TINY, invoke_ditk
+from ditk_testing import TINY, invoke_ditk, torchrun
 from ditk.config import resolve
 from ditk.errors import ConfigError
 from ditk.runs import verify_checkpoint
@@ -34,26 +31,9 @@ def runs(tmp_path_factory):
     """One torchrun launch of 2 processes: DDP, FSDP (full and hybrid sharding) for 4 steps, and an FSDP run
     stopped at its step-2 checkpoint then resumed to step 4."""
     root = tmp_path_factory.mktemp("fsdp")
-    with socket.socket() as sock:  # a free port, so parallel test runs do not meet
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    tests = Path(__file__).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])}
     specs = ["ddp:4:train.ckpt_every=2", f"fsdp:4:{FSDP}", f"part:2:{FSDP}", f"part:4:{FSDP}",
              f"hybrid:4:{FSDP},train.fsdp_sharding=hybrid,train.fsdp_shard_size=1"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(tests / "distributed_runs.py"), str(root), *specs]
-    # Its own process group, so that a timeout stops the workers too (killing torchrun alone would orphan them).
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        raise AssertionError(f"the two-process runs did not finish in 240 s:\n{stderr[-3000:]}") from None
-    assert proc.returncode == 0, stderr[-3000:]
+    stderr = torchrun(Path(__file__).parent / "distributed_runs.py", root, *specs)
     assert "FSDP (full sharding)" in stderr and "FSDP (hybrid sharding)" in stderr
     return root
 

@@ -2,11 +2,6 @@
 once, sharded per process, and a fresh latent drawn at every step, which is the step that encodes the pixels."""
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ditk_testing import TINY, invoke_ditk
+from ditk_testing import TINY, invoke_ditk, torchrun
 from ditk.data import latent_cache
 from ditk.data.latents import Latents, PosteriorDraw, encode_moments
 
@@ -169,24 +164,9 @@ def test_two_processes_shard_the_encode_and_train_on_the_same_latents(vae_setup)
     root, args = vae_setup
     runs = root / "dist"
     overrides = [a for a in args if "=" in a] + ["train.precompute_latents=true"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    tests = Path(__file__).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])}
     spec = ",".join(o for o in overrides if not o.startswith(tuple(k.split("=")[0] for k in TINY)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(tests / "distributed_runs.py"), str(runs), f"two:3:{spec}", f"fly:3:{spec},train.precompute_latents=false"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        raise AssertionError(f"the two-process run did not finish in 240 s:\n{stderr[-3000:]}") from None
-    assert proc.returncode == 0, stderr[-3000:]
+    stderr = torchrun(Path(__file__).parent / "distributed_runs.py", runs, f"two:3:{spec}",
+                      f"fly:3:{spec},train.precompute_latents=false")
     assert "rank 0: encoding shard-000000000-000000008" in stderr and "rank 1: encoding shard-000000008-000000016" in stderr
     one = invoke_ditk("train", "digits-dit", *args, "train.max_steps=3", "train.precompute_latents=true",
                       f"run.dir={runs}", "run.name=one", check=True)
