@@ -425,6 +425,22 @@ inline int64_t source(int64_t t, int64_t j, int64_t k, int64_t dir) {
     return dir == 0 ? t - (k - 1) + j : t + (k - 1) - j;
 }
 
+// The pre-activation of token t of sequence q in direction dir, bias + sum_j w_j x_source(t, j), into a (d).
+// The backward recomputes it rather than storing it.
+template <typename T>
+inline void conv_pre(int64_t dir, int64_t q, int64_t t, int64_t L, int64_t d, int64_t k, int64_t ldn, int64_t ldx,
+                     const T* x, const T* w, const T* bias, T* __restrict a) {
+    for (int64_t c = 0; c < d; ++c) a[c] = bias ? bias[dir * d + c] : T(0);
+    for (int64_t j = 0; j < k; ++j) {
+        const int64_t src = source(t, j, k, dir);
+        if (src < 0 || src >= L) continue;
+        const T* __restrict xs = x + q * ldn + src * ldx;
+        const T* __restrict wj = w + (dir * k + j) * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) a[c] += wj[c] * xs[c];
+    }
+}
+
 template <typename T>
 void conv_silu_forward(int64_t nd, int64_t N, int64_t L, int64_t d, int64_t k, int64_t ldn, int64_t ldx, const T* x,
                        const T* w, const T* bias, T* u) {
@@ -432,15 +448,7 @@ void conv_silu_forward(int64_t nd, int64_t N, int64_t L, int64_t d, int64_t k, i
         for (int64_t q = 0; q < N; ++q)
             for (int64_t t = 0; t < L; ++t) {
                 T* __restrict ut = u + ((dir * N + q) * L + t) * d;
-                for (int64_t c = 0; c < d; ++c) ut[c] = bias ? bias[dir * d + c] : T(0);
-                for (int64_t j = 0; j < k; ++j) {
-                    const int64_t src = source(t, j, k, dir);
-                    if (src < 0 || src >= L) continue;
-                    const T* __restrict xs = x + q * ldn + src * ldx;
-                    const T* __restrict wj = w + (dir * k + j) * d;
-#pragma omp simd
-                    for (int64_t c = 0; c < d; ++c) ut[c] += wj[c] * xs[c];
-                }
+                conv_pre(dir, q, t, L, d, k, ldn, ldx, x, w, bias, ut);
 #pragma omp simd
                 for (int64_t c = 0; c < d; ++c) ut[c] = ut[c] / (T(1) + exp_f(-ut[c]));
             }
@@ -457,15 +465,7 @@ void conv_silu_backward(int64_t nd, int64_t N, int64_t L, int64_t d, int64_t k, 
         for (int64_t q = 0; q < N; ++q)
             for (int64_t t = 0; t < L; ++t) {
                 const T* __restrict gut = gu + ((dir * N + q) * L + t) * d;
-                for (int64_t c = 0; c < d; ++c) a[c] = bias ? bias[dir * d + c] : T(0);
-                for (int64_t j = 0; j < k; ++j) {
-                    const int64_t src = source(t, j, k, dir);
-                    if (src < 0 || src >= L) continue;
-                    const T* __restrict xs = x + q * ldn + src * ldx;
-                    const T* __restrict wj = w + (dir * k + j) * d;
-#pragma omp simd
-                    for (int64_t c = 0; c < d; ++c) a[c] += wj[c] * xs[c];
-                }
+                conv_pre(dir, q, t, L, d, k, ldn, ldx, x, w, bias, a);
                 T* __restrict gb = g_bias + dir * d;
 #pragma omp simd
                 for (int64_t c = 0; c < d; ++c) {
