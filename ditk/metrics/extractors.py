@@ -189,16 +189,11 @@ DIGITS_RESIZE = ("PIL box (area average) to 8x8 in float, no quantisation; grays
 def build_digits(cfg) -> FeatureExtractor:
     """64-d penultimate features of a small CNN trained on scikit-learn's 8x8 digits (shipped weights)."""
     from cleanfid.resize import make_resizer
-    from safetensors.torch import load_file
 
     _check_mode(cfg.mode, ("clean",), "digits")
     device = torch.device(cfg.device)
-    if not DIGITS_WEIGHTS.is_file():
-        raise DitkError(f"the digits extractor weights {DIGITS_WEIGHTS} are missing from the installation: "
-                        f"recreate them with `python scripts/train_digits_extractor.py`")
-    offline.verify(DIGITS_WEIGHTS, DIGITS_SHA256, "digits extractor")
-    net = DigitsNet()
-    net.load_state_dict(load_file(DIGITS_WEIGHTS))
+    net = offline.load_shipped(DigitsNet(), DIGITS_WEIGHTS, DIGITS_SHA256, "digits extractor",
+                               "python scripts/train_digits_extractor.py")
     net.to(device).eval()
 
     def model(x):

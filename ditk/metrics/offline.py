@@ -81,3 +81,15 @@ def verify(path: Path, expected: str, what: str) -> Path:
         raise DitkError(f"refusing {what} weights {path}: sha256 is {actual}, expected {expected} "
                         f"(a partial download or another file): replace it with the right file")
     return path
+
+
+def load_shipped(net, path: Path, expected: str, what: str, recreate: str):
+    """A network whose weights ship inside the package (the digits and photos extractors): present, checked by
+    sha256, loaded. recreate: the command that trains the file again."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise DitkError(f"the {what} weights {path} are missing from the installation: recreate them with `{recreate}`")
+    verify(path, expected, what)
+    net.load_state_dict(load_file(path))
+    return net

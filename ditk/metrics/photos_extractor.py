@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import DitkError
 from ..registry import FEATURE_EXTRACTORS
 from . import offline
 from .extractors import ExtractorConfig, FeatureExtractor, _check_mode
@@ -78,14 +77,8 @@ class PhotosNet(nn.Module):
 
 
 def load_photos_net(device: str = "cpu") -> PhotosNet:
-    from safetensors.torch import load_file
-
-    if not PHOTOS_WEIGHTS.is_file():
-        raise DitkError(f"the photos extractor weights {PHOTOS_WEIGHTS} are missing from the installation: "
-                        f"recreate them with `python benchmarks/train_photos_extractor.py`")
-    offline.verify(PHOTOS_WEIGHTS, PHOTOS_SHA256, "photos extractor")
-    net = PhotosNet()
-    net.load_state_dict(load_file(PHOTOS_WEIGHTS))
+    net = offline.load_shipped(PhotosNet(), PHOTOS_WEIGHTS, PHOTOS_SHA256, "photos extractor",
+                               "python benchmarks/train_photos_extractor.py")
     return net.to(device).eval()
 
 
