@@ -85,12 +85,13 @@ def _rng_state() -> dict:
 
 def _build_data(cfg: DictConfig, run: RunDir, autoencoder, device, accelerator, model):
     """The dataset the loop reads and the encoder it applies on the fly: the autoencoder itself, or with
-    train.precompute_latents a cache of its posteriors (ditk.data.latent_cache) and a fresh draw per step."""
+    train.precompute_latents a cache of its posteriors (ditk.data.latent_cache) and a fresh draw per step. Refuses
+    first a model that does not fit the data."""
     dataset = build_dataset(cfg)
+    # a model that cannot take these latents is refused now, not after encoding the whole data set
+    check_model_data(model, tuple(dataset.shape), autoencoder.latent_channels(dataset.shape[0]),
+                     autoencoder.downsample, dataset.num_classes)
     if cfg.train.precompute_latents and cfg.autoencoder.name != "identity":
-        # a model that cannot take these latents is refused now, not after encoding the whole data set
-        check_model_data(model, tuple(dataset.shape), autoencoder.latent_channels(dataset.shape[0]),
-                         autoencoder.downsample, dataset.num_classes)
         from omegaconf import OmegaConf
 
         from .data import latent_cache
@@ -177,9 +178,7 @@ def _train(cfg: DictConfig, run_path: Path, progress: bool, preempt: Preemption)
 
         objective = build_method(cfg, objective)
     autoencoder = build_autoencoder(cfg).to(device)
-    dataset, encoder = _build_data(cfg, run, autoencoder, device, accelerator, model)
-    check_model_data(model, tuple(dataset.shape), encoder.latent_channels(dataset.shape[0]),
-                     encoder.downsample, dataset.num_classes)
+    dataset, encoder = _build_data(cfg, run, autoencoder, device, accelerator, model)  # checks model vs data
     class_names = list(getattr(dataset, "class_names", None) or [])
     conditioner = build_conditioner(cfg, dataset.num_classes, class_names or None, model=model)
     if getattr(conditioner, "unconditional", False):  # model.num_classes=0: labels unused, nothing to drop
